@@ -1,0 +1,3 @@
+from torchkeep.cli import main
+
+raise SystemExit(main())
