@@ -85,7 +85,12 @@ def _tensor_count(obj: Any) -> int:
         return sum(1 for _, v in tree.walk(kids, children=_children) if isinstance(v, TensorRef))
     if not isinstance(obj, Mapping) or not obj:
         return 0
-    n = sum(1 for v in obj.values() if isinstance(v, TensorRef))
+    n = 0
+    for k, v in obj.items():
+        if isinstance(v, TensorRef):
+            n += 1
+        elif isinstance(v, (Mapping, list, tuple)) and not str(k).endswith("_extra_state"):
+            return 0  # a container of containers (a checkpoint, an optimizer state), not weights
     return n if n * 2 >= len(obj) else 0
 
 

@@ -537,18 +537,22 @@ def _is_pickle(head: bytes) -> bool:
     return len(head) >= 2 and head[0] == 0x80 and 1 <= head[1] <= 5
 
 
-def _pickles_in_zip(path: str) -> list[tuple[str, bytes]]:
+def _pickles_in_zip(source: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, bytes]]:
+    """Every pickle in a zip archive, and in zip archives stored inside it (3 levels deep)."""
     out = []
-    with zipfile.ZipFile(path) as zf:
+    with zipfile.ZipFile(source) as zf:
         for info in zf.infolist():
             if info.is_dir():
                 continue
             with zf.open(info) as m:
-                head = m.read(2)
-            if info.filename.endswith(".pkl") or _is_pickle(head):
-                if "/data/" in info.filename and not info.filename.endswith(".pkl"):
-                    continue  # raw tensor bytes that happen to start like a pickle
-                out.append((info.filename, zf.read(info)))
+                head = m.read(4)
+            name = prefix + info.filename
+            if head[:4] == b"PK\x03\x04" and depth < 3:
+                out.extend(_pickles_in_zip(io.BytesIO(zf.read(info)), name + "!", depth + 1))
+            elif "/data/" in info.filename and not info.filename.endswith(".pkl"):
+                continue  # raw tensor bytes that may happen to start like a pickle
+            elif info.filename.endswith(".pkl") or _is_pickle(head):
+                out.append((name, zf.read(info)))
     return out
 
 

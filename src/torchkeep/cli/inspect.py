@@ -1,0 +1,255 @@
+"""``torchkeep inspect``: what a checkpoint holds, grouped by module, without running its code."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections import OrderedDict
+from typing import Any
+
+from rich.table import Table
+from rich.tree import Tree
+
+from ..checkpoint import Checkpoint, Entry
+from ..formats.base import TensorRef
+from ..safety import Opaque
+from ._render import console, dtype_name, human_bytes, human_count, print_json
+
+MAX_GROUPS = 40
+MAX_VALUES = 40
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="show what a checkpoint holds (never runs code from it)",
+                       description="Show the format, the model weights' wrapper and prefixes, a table "
+                                   "of tensors grouped by module, and the other stored values.")
+    p.add_argument("path", help="checkpoint file or folder, or package.module:Factory for a model")
+    p.add_argument("--tree", action="store_true", help="show the whole nested object")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--filter", metavar="REGEX", help="only entries whose name matches")
+    p.add_argument("--depth", type=int, metavar="N", help="group tensors by the first N name segments")
+    p.add_argument("--all", action="store_true", help="list every tensor and every value")
+    p.add_argument("--kwargs", default="{}", help="JSON keyword arguments for a model factory")
+    p.add_argument("--trust", action="store_true", help="allow code execution (needed only to load, "
+                                                         "never to inspect)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import checkpoint
+
+    if ":" in args.path and not os.path.exists(args.path):
+        return _inspect_factory(args)
+    ck = checkpoint.open(args.path, trust=args.trust)
+    with ck:
+        entries = ck.entries()
+        values = other_values(ck.tree)
+        if args.filter:
+            rx = re.compile(args.filter)
+            entries = [e for e in entries if rx.search(e.name)]
+            values = {n: v for n, v in values.items() if rx.search(n)}
+        if args.json:
+            print_json(_as_json(ck, entries, values))
+            return 0
+        _render(ck, entries, values, args)
+    return 0
+
+
+def other_values(obj: Any) -> dict[str, Any]:
+    """Non-tensor leaves by dotted name; short lists of plain values stay whole (betas, params)."""
+    from .. import tree as _tree_mod
+    from ..safety import module_children
+
+    def children(o: Any) -> Any:
+        return module_children(o) if isinstance(o, Opaque) else None
+
+    def scalar_seq(o: Any) -> bool:
+        return isinstance(o, (list, tuple)) and len(o) <= 64 and all(
+            isinstance(x, (int, float, str, bool, type(None))) for x in o)
+
+    out: dict[str, Any] = {}
+
+    def visit(o: Any, prefix: str) -> None:
+        if scalar_seq(o) and o:
+            out[prefix] = o
+            return
+        if isinstance(o, dict) and o:
+            for k, v in o.items():
+                visit(v, _tree_mod.join(prefix, k))
+            return
+        if isinstance(o, (list, tuple)) and o:
+            for i, v in enumerate(o):
+                visit(v, _tree_mod.join(prefix, i))
+            return
+        for name, leaf in _tree_mod.walk(o, prefix, children=children):
+            if not isinstance(leaf, TensorRef):
+                out[name] = leaf
+
+    visit(obj, "")
+    return out
+
+
+def _verdict(ck: Checkpoint) -> tuple[str, list[str]]:
+    bad = sorted({g.qualname for g in ck.globals() if g.verdict != "safe"})
+    return ("safe" if not bad else "needs code execution to load fully"), bad
+
+
+def group_entries(entries: list[Entry], depth: int | None) -> "OrderedDict[str, list[Entry]]":
+    """Entries grouped by module path (their name without the last segment), cut to ``depth``
+    segments; with no depth, the deepest grouping that fits in MAX_GROUPS rows."""
+    def key(e: Entry, d: int | None) -> str:
+        parts = e.name.split(".")[:-1] or ["<root>"]
+        return ".".join(parts[:d] if d else parts)
+
+    def build(d: int | None) -> "OrderedDict[str, list[Entry]]":
+        groups: OrderedDict[str, list[Entry]] = OrderedDict()
+        for e in entries:
+            groups.setdefault(key(e, d), []).append(e)
+        return groups
+
+    if depth is not None:
+        return build(depth)
+    groups = build(None)
+    d = max((len(e.name.split(".")) for e in entries), default=1)
+    while len(groups) > MAX_GROUPS and d > 1:
+        d -= 1
+        groups = build(d)
+    return groups
+
+
+def _render(ck: Checkpoint, entries: list[Entry], values: dict[str, Any],
+            args: argparse.Namespace) -> None:
+    out = console()
+    s = ck.summary
+    verdict, bad = _verdict(ck)
+    size = sum(os.path.getsize(f) for f in ck.reader.files() if os.path.isfile(f))
+    kind = f" · {s.kind}" if s.kind else ""
+    out.print(f"[bold]{ck.path}[/]  {s.format}{kind} · {human_bytes(size)} on disk · "
+              f"{'[green]' if not bad else '[yellow]'}{verdict}[/]")
+    if bad:
+        out.print(f"  classes not imported: {', '.join(bad[:8])}{' …' if len(bad) > 8 else ''}")
+    if s.wrapper is not None:
+        where = f"'{s.wrapper}'" if s.wrapper else "the top level"
+        pre = f"; prefixes stripped: {', '.join(s.prefixes)}" if s.prefixes else ""
+        out.print(f"  model weights: {where} ({len(ck.state_refs())} tensors){pre}")
+    for note in s.notes:
+        out.print(f"  [dim]{note}[/]")
+    if s.metadata:
+        meta = ", ".join(f"{k}={v}" for k, v in list(s.metadata.items())[:6])
+        out.print(f"  metadata: {meta}")
+
+    if args.tree:
+        out.print(_tree(ck.tree, os.path.basename(ck.path)))
+    elif args.all:
+        t = Table(show_edge=False, header_style="bold")
+        for col in ("name", "shape", "dtype", "bytes"):
+            t.add_column(col, justify="right" if col == "bytes" else "left")
+        for e in entries:
+            t.add_row(e.name, _shape(e.shape), dtype_name(e.dtype), human_bytes(e.nbytes))
+        out.print(t)
+    else:
+        t = Table(show_edge=False, header_style="bold")
+        t.add_column("module")
+        t.add_column("tensors", justify="right")
+        t.add_column("parameters", justify="right")
+        t.add_column("bytes", justify="right")
+        t.add_column("dtypes")
+        t.add_column("shape")
+        for g, es in group_entries(entries, args.depth).items():
+            dts = sorted({dtype_name(e.dtype) for e in es})
+            shape = _shape(es[0].shape) if len(es) == 1 else ""
+            t.add_row(g, str(len(es)), human_count(sum(e.numel for e in es)),
+                      human_bytes(sum(e.nbytes for e in es)), ",".join(dts), shape)
+        out.print(t)
+    total = sum(e.numel for e in entries)
+    by_dtype = {}
+    for e in entries:
+        by_dtype[dtype_name(e.dtype)] = by_dtype.get(dtype_name(e.dtype), 0) + e.numel
+    dts = ", ".join(f"{k} {human_count(v)}" for k, v in sorted(by_dtype.items(), key=lambda kv: -kv[1]))
+    out.print(f"[bold]total[/]: {human_count(len(entries))} tensors · {human_count(total)} parameters · "
+              f"{human_bytes(sum(e.nbytes for e in entries))}" + (f" ({dts})" if dts else ""))
+    if values and not args.tree:
+        shown = list(values.items()) if args.all else list(values.items())[:MAX_VALUES]
+        out.print("[bold]other values[/]:")
+        for n, v in shown:
+            out.print(f"  {n} = {_value(v)}", markup=False)
+        if len(shown) < len(values):
+            out.print(f"  … {len(values) - len(shown)} more (--all shows every one)")
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")" if shape else "()"
+
+
+def _value(v: Any, limit: int = 80) -> str:
+    if isinstance(v, Opaque):
+        return f"<{v.global_name}> (not imported)"
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 1] + "…"
+
+
+def _tree(obj: Any, label: str) -> Tree:
+    root = Tree(label)
+    _add(root, obj, depth=0)
+    return root
+
+
+def _add(node: Tree, obj: Any, depth: int) -> None:
+    from ..safety import module_children
+
+    if depth > 12:
+        node.add("…")
+        return
+    if isinstance(obj, Opaque):
+        kids = module_children(obj)
+        if kids is not None:
+            obj = kids
+        else:
+            return
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else []
+    for k, v in items:
+        if isinstance(v, TensorRef):
+            node.add(f"{k}: {dtype_name(v.dtype)}{_shape(v.shape)}")
+        elif isinstance(v, (dict, list, tuple)) and v:
+            _add(node.add(str(k)), v, depth + 1)
+        elif isinstance(v, Opaque):
+            sub = node.add(f"{k}: <{v.global_name}>")
+            _add(sub, v, depth + 1)
+        else:
+            node.add(f"{k} = {_value(v)}")
+
+
+def _as_json(ck: Checkpoint, entries: list[Entry], values: dict[str, Any]) -> dict[str, Any]:
+    verdict, bad = _verdict(ck)
+    s = ck.summary
+    return {
+        "path": ck.path, "format": s.format, "kind": s.kind, "safe": not bad, "not_imported": bad,
+        "wrapper": s.wrapper, "prefixes": s.prefixes, "candidates": s.candidates,
+        "metadata": s.metadata, "notes": s.notes,
+        "total": {"tensors": len(entries), "parameters": sum(e.numel for e in entries),
+                  "bytes": sum(e.nbytes for e in entries)},
+        "entries": [{"name": e.name, "shape": list(e.shape), "dtype": dtype_name(e.dtype),
+                     "nbytes": e.nbytes} for e in entries],
+        "values": {n: _json_value(v) for n, v in values.items()},
+    }
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, (int, float, str, bool)) or v is None:
+        return v
+    return _value(v, limit=200)
+
+
+def _inspect_factory(args: argparse.Namespace) -> int:
+    import json
+
+    from ..modeling import summary
+    from .factory import build_model
+
+    model = build_model(args.path, json.loads(args.kwargs))
+    s = summary(model)
+    if args.json:
+        print_json(s.to_dict() if hasattr(s, "to_dict") else str(s))
+    else:
+        console().print(str(s), markup=False)
+    return 0

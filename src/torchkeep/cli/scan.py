@@ -1,0 +1,60 @@
+"""``torchkeep scan``: which globals a checkpoint's pickles would import; exit 0 safe, 1 unsafe,
+2 unreadable."""
+from __future__ import annotations
+
+import argparse
+
+from ..errors import TorchkeepError
+from ._render import console, print_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("scan", help="check checkpoints for pickled code (exit 0 safe, 1 unsafe, 2 unreadable)",
+                       description="List every global each pickle imports, classified safe (allowlisted), "
+                                   "unsafe (can run commands or build calls) or unknown (importing it "
+                                   "would run its module). Nothing is imported.")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="list every global, safe ones too")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..safety import scan
+
+    out, err = console(), console(stderr=True)
+    status = 0
+    reports = []
+    for path in args.paths:
+        try:
+            rep = scan(path)
+        except (TorchkeepError, OSError) as e:
+            msg = str(e) if isinstance(e, TorchkeepError) else f"{path}: {e.strerror or e}"
+            err.print(f"torchkeep: error: {msg}", markup=False, highlight=False)
+            reports.append({"path": path, "error": msg})
+            status = 2
+            continue
+        reports.append(rep.to_dict())
+        if rep.errors:
+            status = 2
+        elif not rep.safe:
+            status = max(status, 1)
+        if args.json:
+            continue
+        if rep.safe:
+            out.print(f"[green]safe[/]     {path}  ({rep.format}, {len(rep.globals)} globals, all allowlisted)")
+        else:
+            label = "[red]UNSAFE[/]" if rep.unsafe else ("[red]DAMAGED[/]" if rep.errors else "[yellow]unknown[/]")
+            out.print(f"{label}   {path}  ({rep.format})")
+            for g in rep.unsafe:
+                out.print(f"    [red]unsafe[/]   {g.qualname}   [dim]in {g.member}[/]")
+            for g in rep.unknown:
+                out.print(f"    [yellow]unknown[/]  {g.qualname}   [dim]in {g.member}[/]")
+            for e in rep.errors:
+                out.print(f"    [red]error[/]    {e}", markup=False)
+        if args.verbose:
+            for g in rep.globals:
+                out.print(f"    {g.verdict:8} {g.qualname}   [dim]in {g.member}[/]")
+    if args.json:
+        print_json(reports if len(reports) != 1 else reports[0])
+    return status

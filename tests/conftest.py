@@ -1,0 +1,46 @@
+"""Shared fixtures: small real models and the torchkeep CLI as a subprocess."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class SmallNet(torch.nn.Module):
+    """Conv + BatchNorm + Linear: parameters, buffers and num_batches_tracked."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4 * 4 * 4, classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.relu(self.bn(self.conv(x))), 1))
+
+
+@pytest.fixture
+def small_net() -> SmallNet:
+    torch.manual_seed(0)
+    return SmallNet()
+
+
+def run_cli(*args: str, cwd: str | None = None, check: bool = False, timeout: float = 120
+            ) -> subprocess.CompletedProcess:
+    """Run ``python -m torchkeep ARGS`` and return the finished process (text output)."""
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"), COLUMNS="160")
+    p = subprocess.run([sys.executable, "-m", "torchkeep", *args], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"torchkeep {' '.join(args)} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture
+def cli():
+    return run_cli
