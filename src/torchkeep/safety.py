@@ -21,6 +21,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from .errors import CorruptCheckpointError, FormatError
+from .formats.base import TensorRef, ref_of
 
 # --- classification -------------------------------------------------------------------------
 
@@ -190,14 +191,11 @@ class StorageRef:
 
 def _tensor_ref(storage: Any, storage_offset: int, size: Any, stride: Any, requires_grad: bool,
                 dtype: torch.dtype | None = None) -> Any:
-    from .formats.base import TensorRef
-
     if not isinstance(storage, StorageRef):
         return _placeholder("torch._utils", "_rebuild_tensor")(storage, storage_offset, size, stride)
-    return TensorRef(shape=tuple(int(s) for s in size), dtype=dtype or storage.dtype,
-                     reader=storage.reader, key=storage.key, storage=storage.key,
-                     offset=int(storage_offset) + storage.offset,
-                     stride=tuple(int(s) for s in stride), requires_grad=bool(requires_grad),
+    return TensorRef(shape=tuple(size), dtype=dtype or storage.dtype, reader=storage.reader,
+                     key=storage.key, storage=storage.key, offset=storage_offset + storage.offset,
+                     stride=tuple(stride), requires_grad=bool(requires_grad),
                      location=storage.location)
 
 
@@ -216,8 +214,6 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, bac
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
-    from .formats.base import TensorRef
-
     if isinstance(data, TensorRef):
         data.is_parameter = True
         data.requires_grad = bool(requires_grad)
@@ -234,8 +230,6 @@ def _rebuild_from_type_v2(func, new_type, args, state):
 
 
 def _memory_tensor(t: torch.Tensor) -> Any:
-    from .formats.base import ref_of
-
     return ref_of(t)
 
 
@@ -460,6 +454,7 @@ def scan_pickle(data: bytes, member: str = "") -> tuple[list[GlobalRef], str | N
 
     def record(module: Any, name: Any) -> None:
         if isinstance(module, str) and isinstance(name, str):
+            module, name = py3_name(module, name)
             found.append(GlobalRef(module, name, member, classify(module, name)))
         else:
             found.append(GlobalRef("?", "?", member, "unsafe"))

@@ -65,7 +65,10 @@ class Reader(abc.ABC):
 
     @abc.abstractmethod
     def load(self, refs: Sequence[TensorRef], device: str | torch.device = "cpu") -> list[torch.Tensor]:
-        """Read the bytes of ``refs``; refs sharing a storage come back sharing memory."""
+        """Read the bytes of ``refs``; refs sharing a storage come back sharing memory.
+
+        Readers that can map files accept ``mmap=True``: CPU tensors then are copy-on-write
+        views of the file instead of copies."""
 
     def globals(self) -> list:
         """Globals the format's pickles import (empty for formats without pickle)."""
