@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "GlobalRef": "safety",
     "diff": "diffing",
     "DiffReport": "diffing",
+    "write_report": "htmlreport",
     "convert": "convert",
     # transfer and model shaping
     "transfer": "transfer",
@@ -42,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "trainable": "modeling",
     "param_groups": "modeling",
     "summary": "modeling",
+    "ModelSummary": "modeling",
     "remove": "modeling",
     "replace": "modeling",
     "truncate": "modeling",

@@ -1,0 +1,171 @@
+"""``torchkeep transfer SRC --into TARGET``: plan (and with ``--out``, write) a weight transfer.
+
+TARGET is a checkpoint file, whose names and shapes define the target, or a model factory
+``package.module:Factory`` called with ``--kwargs``. Without ``--out`` nothing is changed or
+written: the plan is printed. With ``--out`` the target's full state dict, transferred tensors
+included, is written as safetensors (atomically).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import TransferError
+from ..transfer import MATCH_MODES, TransferReport, transfer
+from . import _render
+from .factory import build_model
+
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+_FATE_STYLE = {"loaded": "green", "adapted": "cyan", "missing": "yellow", "unused": "red"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "transfer", help="carry the weights that fit from a checkpoint into another model",
+        description="Plan which tensors of SRC go into TARGET (by name, rules, prefix and "
+                    "structure; adapting shapes where sound) and print every tensor's fate. "
+                    "With --out, write TARGET's full state dict with the transferred tensors.")
+    p.add_argument("src", metavar="SRC", help="checkpoint to take weights from "
+                                              "(or package.module:Factory)")
+    p.add_argument("--into", required=True, metavar="TARGET",
+                   help="checkpoint whose names and shapes define the target, "
+                        "or package.module:Factory building the target model")
+    p.add_argument("--rule", action="append", default=[], metavar="REGEX=REPL",
+                   help="rename source tensors (regex substitution, applied in order; repeatable)")
+    p.add_argument("--match", choices=MATCH_MODES, default="auto",
+                   help="how to pair tensors (default: auto = names, then structure)")
+    p.add_argument("--no-adapt", action="store_true",
+                   help="load only tensors whose shape and dtype fit as they are")
+    p.add_argument("--kwargs", metavar="JSON", help="keyword arguments for TARGET's factory")
+    p.add_argument("--out", metavar="OUT.safetensors",
+                   help="write the target's full state dict here (safetensors)")
+    p.add_argument("--strict", action="store_true",
+                   help="fail (exit 2) unless every target tensor is loaded and every source tensor used")
+    p.add_argument("--dry-run", action="store_true", help="plan only; write nothing")
+    p.add_argument("--trust", action="store_true",
+                   help="allow code execution when opening pickle checkpoints (only for files you trust)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run)
+
+
+def _is_factory(spec: str) -> bool:
+    return not os.path.exists(spec) and bool(_FACTORY.match(spec))
+
+
+def _open(path: str, trust: bool):
+    from ..checkpoint import open as _open_ckpt
+    return _open_ckpt(path, trust=trust)
+
+
+def _target(spec: str, args: argparse.Namespace, writing: bool) -> tuple[Any, str]:
+    if _is_factory(spec):
+        kwargs = json.loads(args.kwargs) if args.kwargs else {}
+        if not isinstance(kwargs, dict):
+            raise ValueError("--kwargs must be a JSON object")
+        return build_model(spec, kwargs), spec
+    if args.kwargs:
+        raise ValueError("--kwargs applies to a TARGET factory (package.module:Factory), not a file")
+    ckpt = _open(spec, args.trust)
+    if writing:
+        # Real tensors to fill in place; cloned so none is backed by a read-only file mapping.
+        sd = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in ckpt.state_dict().items()}
+        return sd, spec
+    refs = ckpt.state_refs()
+    if not refs:
+        raise TransferError("found no model weights to define the target", path=spec)
+    # Names and shapes are all a plan needs: meta tensors hold no memory.
+    return {k: torch.empty(r.shape, dtype=r.dtype, device="meta") for k, r in refs.items()}, spec
+
+
+def _source(spec: str, args: argparse.Namespace) -> Any:
+    if _is_factory(spec):
+        return build_model(spec)
+    return _open(spec, args.trust)
+
+
+def _state_dict(target: Any) -> dict[str, torch.Tensor]:
+    sd = target.state_dict() if isinstance(target, nn.Module) else target
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def write_safetensors(state: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    """Write ``state`` as safetensors all-or-nothing: temp sibling, fsync, rename, fsync folder.
+    Tensors that share memory (tied weights) are written as separate copies."""
+    from safetensors.torch import save_file
+
+    from ..store import fsync_dir, fsync_file, tmp_name
+
+    seen: set[int] = set()
+    out = {}
+    for k, v in state.items():
+        t = v.detach().to("cpu")
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if not t.is_contiguous() or (ptr is not None and ptr in seen):
+            t = t.contiguous().clone()
+        if ptr is not None:
+            seen.add(ptr)
+        out[k] = t
+    path = os.fspath(path)
+    tmp = tmp_name(path)
+    try:
+        save_file(out, tmp, metadata=metadata)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _render_report(report: TransferReport) -> None:
+    con = _render.console()
+    if not con.is_terminal:
+        print(str(report))
+        return
+    from rich.table import Table
+
+    con.print(report.headline())
+    methods = report.methods()
+    if methods:
+        con.print("matched by: " + ", ".join(f"{m} {n}" for m, n in methods.items()))
+    if report.stripped:
+        con.print("source prefixes stripped: " + ", ".join(report.stripped))
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    for col in ("fate", "target", "shape", "source", "detail"):
+        table.add_column(col, overflow="fold")
+    for fate, t, shape, s, detail in report.rows():
+        table.add_row(f"[{_FATE_STYLE[fate]}]{fate}[/]", t, shape, s, detail)
+    con.print(table)
+
+
+def run(args: argparse.Namespace) -> int:
+    writing = bool(args.out) and not args.dry_run
+    target, target_label = _target(args.into, args, writing)
+    source = _source(args.src, args)
+    report = transfer(target, source, rules=args.rule or None, match=args.match,
+                      adapt=not args.no_adapt, strict=args.strict, dry_run=not writing)
+    report.source, report.target = str(args.src), target_label
+    if writing:
+        meta = {"format": "pt", "torchkeep.transfer.source": str(args.src),
+                "torchkeep.transfer.target": target_label,
+                "torchkeep.transfer.counts": json.dumps(report.counts)}
+        write_safetensors(_state_dict(target), args.out, meta)
+    if args.json:
+        d = report.to_dict()
+        d["out"] = args.out if writing else None
+        _render.print_json(d)
+    else:
+        _render_report(report)
+        if writing:
+            print(f"wrote {args.out} ({len(_state_dict(target))} tensors)")
+        elif not args.out:
+            print("(plan only: pass --out OUT.safetensors to write the transferred state dict)")
+    return 0

@@ -1,0 +1,705 @@
+"""Convert a checkpoint's model weights to safetensors (or a torch.save file), renamed, cast or
+sharded on the way, written atomically and verified against the source before success.
+
+Tensors are streamed one storage at a time from the source into the file: the header is planned
+from shapes alone, then each tensor's bytes are written and checksummed, so the weights are
+never held twice. Tensors that shared storage in the source are written once; the other names
+are recorded as aliases (views into the stored tensor) in the metadata and restored by
+torchkeep's reader. While the disk catches up, the written file is re-read through the reader
+and every name, shape, dtype, alias and checksum is compared with what the source gave.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import zlib
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from . import keys
+from .errors import CorruptCheckpointError, FormatError, UnsafeCheckpointError
+from .formats import safetensors as st
+from .formats.base import MEMORY, Reader, TensorRef
+from .store import atomic_dir, atomic_write, fsync_dir, tmp_name
+
+log = logging.getLogger(__name__)
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+SYNC_EVERY = 64 << 20  # bytes written between background flushes
+_CASTABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DTYPE_NAMES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp64": torch.float64, "float64": torch.float64, "double": torch.float64,
+}
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9}
+
+
+@dataclass
+class ConvertResult:
+    """What :func:`convert` wrote and how it got there."""
+
+    src: str
+    dst: str
+    format: str                                  # 'safetensors' | 'torch-zip' | 'hf-sharded'
+    files: list[str] = field(default_factory=list)
+    tensors: int = 0                             # names written, aliases included
+    stored: int = 0                              # tensors whose bytes were written
+    nbytes: int = 0                              # tensor bytes written
+    aliases: dict[str, str] = field(default_factory=dict)     # alias -> stored tensor it views
+    renamed: dict[str, str] = field(default_factory=dict)     # source name -> new name
+    cast: list[str] = field(default_factory=list)             # names whose dtype changed
+    skipped: dict[str, str] = field(default_factory=dict)     # name -> why it was not written
+    unshared: list[str] = field(default_factory=list)         # shared in the source, copied here
+    wrapper: str | None = None                   # where the weights sat in the source
+    prefixes: list[str] = field(default_factory=list)         # wrapper prefixes stripped
+    verified: bool = False
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_size(size: int | str | None) -> int | None:
+    """'2GB' -> 2_000_000_000, '500MiB' -> 524_288_000, 1024 -> 1024 (GB = 10**9, as HF does)."""
+    if size is None or isinstance(size, int):
+        if isinstance(size, int) and size <= 0:
+            raise ValueError(f"shard size must be positive, got {size}")
+        return size
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(size))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read size {size!r} (examples: 2GB, 500MB, 1GiB, 1048576)")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise ValueError(f"shard size must be positive, got {size!r}")
+    return n
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype is not None and dtype not in _CASTABLE:
+            raise ValueError(f"cannot cast to {dtype}; choose one of bf16, fp16, fp32, fp64")
+        return dtype
+    d = _DTYPE_NAMES.get(str(dtype).lower().replace("torch.", ""))
+    if d is None:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of bf16, fp16, fp32, fp64")
+    return d
+
+
+# -- the source --------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class _Item:
+    src: str                    # name in the source (after wrapper prefixes were stripped)
+    name: str                   # name written
+    ref: TensorRef
+    dtype: torch.dtype          # written dtype
+    group: Any = None           # storage identity; None when the tensor shares nothing
+    alias: st.Alias | None = None
+    crc: int | None = None
+
+    @property
+    def contiguous(self) -> bool:
+        return self.ref.stride is None or tuple(self.ref.stride) == _cstride(self.ref.shape) \
+            or self.ref.numel <= 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.ref.numel * self.dtype.itemsize
+
+
+def _cstride(shape: Sequence[int]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for s in reversed(shape):
+        stride.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(stride))
+
+
+def _memory_ref(t: torch.Tensor) -> TensorRef:
+    """A ref to an in-memory tensor that keeps its storage identity (for alias detection)."""
+    t = t.detach()
+    shares = t.numel() > 0 and t.device.type != "meta"
+    return TensorRef(shape=tuple(t.shape), dtype=t.dtype, reader=MEMORY, key=t,
+                     storage=f"mem:{t.untyped_storage().data_ptr()}" if shares else None,
+                     offset=t.storage_offset(), stride=tuple(t.stride()))
+
+
+def _source(src: Any, trust: bool) -> tuple[str, dict[str, Any], Any, str | None, list[str]]:
+    """(description, name -> TensorRef or plain value, closer, wrapper, prefixes)."""
+    from .checkpoint import Checkpoint, open as open_checkpoint
+
+    if isinstance(src, Mapping):
+        flat = {str(k): (_memory_ref(v) if isinstance(v, torch.Tensor) else v) for k, v in src.items()}
+        return "<state dict>", flat, None, None, []
+    ck = src if isinstance(src, Checkpoint) else open_checkpoint(src, trust=trust)
+    closer = None if isinstance(src, Checkpoint) else ck
+    wrapper, flat, prefixes, _ = ck._find_state()
+    if wrapper is None:
+        if closer is not None:
+            closer.close()
+        raise FormatError("found no model weights to convert (no mapping of names to tensors)",
+                          path=ck.path, hint="torchkeep inspect shows what the file holds")
+    from .safety import Opaque
+
+    opaque = {k: v for k, v in flat.items() if isinstance(v, Opaque)}
+    if opaque:
+        if not trust:
+            globs = sorted({o.global_name for o in opaque.values()})
+            raise UnsafeCheckpointError(
+                f"weights {', '.join(sorted(opaque)[:5])} need globals that are not allowlisted: "
+                f"{', '.join(globs)}", globals=globs, path=ck.path)
+        flat = {k: (_memory_ref(v) if isinstance(v, torch.Tensor) else v)
+                for k, v in ck.state_dict().items()}
+    return ck.path, dict(flat), closer, wrapper, list(prefixes)
+
+
+def _plan(flat: Mapping[str, Any], strip_prefix: str | None, add_prefix: str | None,
+          rename: Iterable[Any], dtype: torch.dtype | None, res: ConvertResult) -> list[_Item]:
+    rules = keys.compile_rules(rename)
+    items: list[_Item] = []
+    seen: dict[str, str] = {}
+    for src_name, v in flat.items():
+        if not isinstance(v, TensorRef):
+            res.skipped[src_name] = f"not a tensor ({type(v).__name__})"
+            continue
+        if isinstance(v.key, torch.Tensor) and v.key.device.type == "meta":
+            res.skipped[src_name] = "meta tensor without data"
+            continue
+        name = src_name
+        if strip_prefix:
+            name = keys.strip_prefix(name, strip_prefix)
+        name = keys.apply_rules(name, rules)
+        if add_prefix:
+            name = keys.add_prefix(name, add_prefix)
+        if not name:
+            raise ValueError(f"renaming {src_name!r} leaves an empty name")
+        if name in seen:
+            raise ValueError(f"names collide after renaming: {seen[name]!r} and {src_name!r} both "
+                             f"become {name!r}")
+        seen[name] = src_name
+        if name != src_name:
+            res.renamed[src_name] = name
+        out = v.dtype
+        if dtype is not None and v.dtype in _CASTABLE and v.dtype != dtype:
+            out = dtype
+            res.cast.append(name)
+        group = (id(v.reader), v.storage) if v.storage is not None and v.numel else None
+        items.append(_Item(src_name, name, v, out, group))
+    _find_aliases(items, res)
+    return items
+
+
+def _find_aliases(items: list[_Item], res: ConvertResult) -> None:
+    """Mark items that view another item's stored bytes; the rest are written."""
+    groups: dict[Any, list[_Item]] = {}
+    for it in items:
+        if it.group is not None:
+            groups.setdefault(it.group, []).append(it)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        bases: list[_Item] = []
+        copies: dict[tuple, _Item] = {}
+        for it in sorted(members, key=lambda i: -i.ref.numel):  # stable: source order on ties
+            alias = next((a for a in (_alias_of(it, b) for b in bases) if a is not None), None)
+            if alias is None:
+                ident = (it.ref.offset, tuple(it.ref.shape), it.ref.stride, it.ref.dtype, it.dtype)
+                twin = copies.get(ident)
+                if twin is not None:
+                    alias = st.Alias(it.name, twin.name)
+                elif it.contiguous:
+                    bases.append(it)
+                else:
+                    copies[ident] = it
+            it.alias = alias
+        written = [m for m in members if m.alias is None]
+        if len(written) > 1:  # e.g. disjoint slices of one buffer: each is written by itself
+            res.unshared.extend(m.name for m in written)
+
+
+def _alias_of(it: _Item, base: _Item) -> st.Alias | None:
+    a, b = it.ref, base.ref
+    if a.dtype != b.dtype or it.dtype != base.dtype or not a.numel:
+        return None
+    rel = a.offset - b.offset
+    if rel < 0:
+        return None
+    stride = tuple(a.stride) if a.stride is not None else _cstride(a.shape)
+    last = rel + sum((n - 1) * s for n, s in zip(a.shape, stride))
+    if last >= b.numel:
+        return None
+    if rel == 0 and tuple(a.shape) == tuple(b.shape) and it.contiguous:
+        return st.Alias(it.name, base.name)
+    return st.Alias(it.name, base.name, tuple(a.shape), rel,
+                    None if stride == _cstride(a.shape) else stride)
+
+
+# -- reading the source tensor by tensor --------------------------------------------------
+
+class _Feeder:
+    """Loads stored items one storage group at a time and hands out contiguous CPU tensors in
+    the written dtype; a group's tensors are dropped once all of them were written."""
+
+    def __init__(self, items: Sequence[_Item]) -> None:
+        self._pending: dict[Any, int] = {}
+        self._by_group: dict[Any, list[_Item]] = {}
+        for it in items:
+            if it.alias is None and it.group is not None:
+                self._by_group.setdefault(it.group, []).append(it)
+        self._cache: dict[Any, dict[str, torch.Tensor]] = {}
+
+    def get(self, it: _Item) -> torch.Tensor:
+        if it.group is None or len(self._by_group.get(it.group, ())) < 2:
+            t = it.ref.reader.load([it.ref], "cpu")[0]
+        else:
+            cache = self._cache.get(it.group)
+            if cache is None:
+                members = self._by_group[it.group]
+                loaded = members[0].ref.reader.load([m.ref for m in members], "cpu")
+                cache = self._cache[it.group] = {m.name: t for m, t in zip(members, loaded)}
+            t = cache.pop(it.name)
+            if not cache:
+                del self._cache[it.group]
+        return _prepare(t, it.dtype)
+
+
+def _prepare(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t.contiguous()
+
+
+def _crc(t: torch.Tensor) -> int:
+    return zlib.crc32(st.tensor_bytes(t.contiguous()))
+
+
+def _view(base: torch.Tensor, a: st.Alias) -> torch.Tensor:
+    if a.shape is None:
+        return base
+    stride = a.stride if a.stride is not None else _cstride(a.shape)
+    if not _prod(a.shape):
+        return torch.empty(a.shape, dtype=base.dtype)
+    return base.as_strided(a.shape, stride, base.storage_offset() + a.offset)
+
+
+def _prod(xs: Sequence[int]) -> int:
+    n = 1
+    for x in xs:
+        n *= x
+    return n
+
+
+# -- durable writing ---------------------------------------------------------------------
+
+class _Flusher:
+    """Starts writeback of a file being written every SYNC_EVERY bytes, from a background thread,
+    so the disk works while the next tensors are read and checksummed instead of all at the end.
+
+    Uses Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``, which queues the pages for writing
+    without waiting and without a journal commit; elsewhere writeback is left to the final fsync.
+    """
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self._fd = f.fileno()
+        self._start = f.tell()
+        self._queued = self._start
+        self._pos = self._start
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        if _sync_file_range is not None:
+            self._thread = threading.Thread(target=self._run, name="torchkeep-flush", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stop:
+                break
+            end = self._pos
+            if end > self._queued:
+                _sync_file_range(self._fd, self._queued, end - self._queued, 2)  # SYNC_FILE_RANGE_WRITE
+                self._queued = end
+
+    def wrote(self, pos: int) -> None:
+        """The file now holds ``pos`` bytes (written to the OS, not buffered)."""
+        self._pos = pos
+        if self._thread is not None and pos - self._queued >= SYNC_EVERY:
+            self._wake.set()
+
+    def finish_async(self) -> "_Call":
+        """Stop the periodic writeback and fsync the whole file in the background."""
+        self._f.flush()
+        if self._thread is not None:
+            self._stop = True
+            self._wake.set()
+            self._thread.join()
+        t = _Call(lambda: os.fsync(self._fd))
+        t.start()
+        return t
+
+
+def _load_sync_file_range() -> Callable[..., int] | None:
+    if not hasattr(os, "sched_getaffinity"):  # Linux only
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_sync_file_range = _load_sync_file_range()
+_BIG = 1 << 20  # tensors at least this large are checksummed in a helper thread while written
+
+
+class _Call(threading.Thread):
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        super().__init__(daemon=True, name="torchkeep-fsync")
+        self._fn = fn
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._fn()
+        except BaseException as e:  # re-raised by result()
+            self.error = e
+
+    def result(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _write_safetensors(f: Any, items: Sequence[_Item], metadata: Mapping[str, str],
+                       feeder: _Feeder, tick: Callable[[int], None]) -> tuple[threading.Thread, int]:
+    """Stream ``items`` (stored ones; their aliases ride in the metadata) into ``f``."""
+    stored = [it for it in items if it.alias is None]
+    aliases = [it.alias for it in items if it.alias is not None]
+    lay = st.layout([st.Spec(it.name, it.dtype, tuple(it.ref.shape)) for it in stored],
+                    metadata, aliases)
+    by_name = {it.name: it for it in stored}
+    f.write(lay.header)
+    f.flush()
+    flusher = _Flusher(f)
+    written = 0
+    with ThreadPoolExecutor(1, thread_name_prefix="torchkeep-crc") as pool:
+        for spec in lay.order:
+            it = by_name[spec.name]
+            t = feeder.get(it)
+            mv = st.tensor_bytes(t)
+            # zlib and the write both release the GIL: checksum and copy run side by side.
+            fut = pool.submit(zlib.crc32, mv) if len(mv) >= _BIG else None
+            f.write(mv)
+            it.crc = fut.result() if fut is not None else zlib.crc32(mv)
+            written += len(mv)
+            if len(mv) >= _BIG:
+                f.flush()
+                flusher.wrote(lay.data_start + written)
+            tick(len(mv))
+            del t, mv
+    if f.tell() != lay.total:
+        raise CorruptCheckpointError(f"wrote {f.tell()} bytes but planned {lay.total}", path=f.name)
+    return flusher.finish_async(), written
+
+
+def _write_torch(f: Any, items: Sequence[_Item], feeder: _Feeder,
+                 tick: Callable[[int], None]) -> tuple[threading.Thread, int]:
+    stored: dict[str, torch.Tensor] = {}
+    written = 0
+    for it in items:
+        if it.alias is None:
+            t = stored[it.name] = feeder.get(it)
+            it.crc = _crc(t)
+            written += t.nbytes
+            tick(t.nbytes)
+    obj = {}
+    for it in items:
+        obj[it.name] = stored[it.name] if it.alias is None else _view(stored[it.alias.base], it.alias)
+    torch.save(obj, f)
+    f.flush()
+    t = _Call(lambda: os.fsync(f.fileno()))
+    t.start()
+    return t, written
+
+
+# -- verification ------------------------------------------------------------------------
+
+def _expected_alias_crcs(items: Sequence[_Item]) -> dict[str, int]:
+    """Checksums of the aliases as the source has them (cast like their base)."""
+    crcs: dict[str, int] = {}
+    by_name = {it.name: it for it in items}
+    for it in items:
+        a = it.alias
+        if a is None:
+            continue
+        base = by_name[a.base]
+        if a.shape is None:
+            crcs[it.name] = base.crc
+        else:
+            crcs[it.name] = _crc(_prepare(it.ref.reader.load([it.ref], "cpu")[0], it.dtype))
+    return crcs
+
+
+def _verify(reader: Reader, items: Sequence[_Item], where: str) -> None:
+    """Re-read what was written and compare it with the source: names, shapes, dtypes, aliasing
+    and a CRC-32 of every tensor's bytes. Any difference raises CorruptCheckpointError."""
+    from .tree import walk
+
+    flat = {n: v for n, v in walk(reader.read_tree()) if isinstance(v, TensorRef)}
+    want = {it.name: it for it in items}
+    missing = [n for n in want if n not in flat]
+    extra = [n for n in flat if n not in want]
+    if missing or extra:
+        raise CorruptCheckpointError(
+            f"verification failed: {len(missing)} tensors missing ({', '.join(missing[:3])}) and "
+            f"{len(extra)} unexpected ({', '.join(extra[:3])}) in what was written", path=where)
+    alias_crcs = _expected_alias_crcs(items)
+    by_reader: dict[int, tuple[Reader, list[str]]] = {}
+    for n, ref in flat.items():
+        it = want[n]
+        if tuple(ref.shape) != tuple(it.ref.shape) or ref.dtype != it.dtype:
+            raise CorruptCheckpointError(
+                f"verification failed: {n!r} was written as {st.dtype_label(ref.dtype)} "
+                f"{list(ref.shape)}, expected {st.dtype_label(it.dtype)} {list(it.ref.shape)}", path=where)
+        if it.alias is not None:
+            base_ref = flat[it.alias.base]
+            if ref.storage is None or ref.storage != base_ref.storage or ref.reader is not base_ref.reader:
+                raise CorruptCheckpointError(
+                    f"verification failed: {n!r} should share storage with {it.alias.base!r}", path=where)
+        by_reader.setdefault(id(ref.reader), (ref.reader, []))[1].append(n)
+    workers = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                         else (os.cpu_count() or 1)))
+    with ThreadPoolExecutor(workers, thread_name_prefix="torchkeep-verify") as pool:
+        for r, names in by_reader.values():
+            # safetensors files are mapped, so loading all refs costs no copy; torch files are
+            # read storage by storage to keep memory bounded.
+            chunks = [names] if r.format == "safetensors" else [[n] for n in names]
+            for chunk in chunks:
+                tensors = r.load([flat[n] for n in chunk], "cpu")
+                for n, got in zip(chunk, pool.map(_crc, tensors)):
+                    it = want[n]
+                    if got != (it.crc if it.alias is None else alias_crcs[n]):
+                        raise CorruptCheckpointError(
+                            f"verification failed: the bytes of {n!r} read back differ from the "
+                            f"source", path=where,
+                            hint="disk or memory error? the destination was not replaced")
+                del tensors
+
+
+# -- sharding ----------------------------------------------------------------------------
+
+def _shards(items: Sequence[_Item], limit: int) -> list[list[_Item]]:
+    """Split in source order into shards of at most ``limit`` bytes (a bigger tensor gets a
+    shard of its own); aliases go with the tensor they view."""
+    out: list[list[_Item]] = []
+    cur: list[_Item] = []
+    size = 0
+    for it in items:
+        if it.alias is not None:
+            continue
+        if cur and size + it.nbytes > limit:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(it)
+        size += it.nbytes
+    if cur or not out:
+        out.append(cur)
+    home = {it.name: i for i, shard in enumerate(out) for it in shard}
+    for it in items:
+        if it.alias is not None:
+            out[home[it.alias.base]].append(it)
+    return out
+
+
+# -- the entry point ---------------------------------------------------------------------
+
+def convert(src: Any, dst: str | os.PathLike, *, strip_prefix: str | None = None,
+            add_prefix: str | None = None, rename: Iterable[Any] = (),
+            dtype: str | torch.dtype | None = None, max_shard_size: int | str | None = None,
+            trust: bool = False, format: str | None = None, overwrite: bool = False,
+            on_progress: Callable[[int, int], None] | None = None) -> ConvertResult:
+    """Write the model weights of ``src`` (a path, an open Checkpoint, or a mapping of names to
+    tensors) to ``dst``.
+
+    The weights are what :meth:`Checkpoint.state_dict` finds (wrapper prefixes stripped); names
+    are then rewritten by ``strip_prefix``, the ``rename`` rules ('REGEX=REPL', in order) and
+    ``add_prefix``. ``dtype`` casts float16/bfloat16/float32/float64 tensors (integers, bools and
+    float8 are kept). The output is safetensors unless ``dst`` ends in .pt/.pth/.bin/.ckpt or
+    ``format='torch'``; with ``max_shard_size`` ('2GB') ``dst`` is a folder of shards plus an HF
+    style index. Everything is written under a temporary name, fsynced, verified against the
+    source and only then renamed into place; ``dst`` is replaced only with ``overwrite=True``.
+    """
+    t0 = time.perf_counter()
+    dst = os.fspath(dst)
+    limit = parse_size(max_shard_size)
+    cast_to = parse_dtype(dtype)
+    fmt = format or ("torch" if dst.endswith(TORCH_SUFFIXES) and limit is None else "safetensors")
+    if fmt not in ("safetensors", "torch"):
+        raise ValueError(f"unknown output format {fmt!r} (safetensors or torch)")
+    if os.path.exists(dst) and not overwrite:
+        raise FileExistsError(17, "destination exists (pass overwrite=True / --overwrite to replace it)", dst)
+    if limit is None and os.path.isdir(dst):
+        raise ValueError(f"{dst}: is a folder; give a file name, or --max-shard-size for a sharded folder")
+    desc, flat, closer, wrapper, prefixes = _source(src, trust)
+    res = ConvertResult(src=desc, dst=dst, format="hf-sharded" if limit else
+                        ("torch-zip" if fmt == "torch" else "safetensors"),
+                        wrapper=wrapper, prefixes=prefixes)
+    try:
+        items = _plan(flat, strip_prefix, add_prefix, rename, cast_to, res)
+        if not items:
+            raise FormatError("no tensors to write", path=desc)
+        if fmt == "safetensors":
+            for it in items:
+                if not st.storable(it.dtype):
+                    raise FormatError(f"tensor {it.src!r} has dtype {st.dtype_label(it.dtype)}, which "
+                                      f"safetensors cannot store", path=desc,
+                                      hint="convert to a .pt file instead")
+        total = sum(it.nbytes for it in items if it.alias is None)
+        done = 0
+
+        def tick(n: int) -> None:
+            nonlocal done
+            done += n
+            if on_progress is not None:
+                on_progress(done, total)
+
+        meta = _carried_metadata(closer or src)
+        if limit is None:
+            _convert_file(items, dst, fmt, meta, tick, res)
+        else:
+            _convert_sharded(items, dst, fmt, limit, meta, tick, res, overwrite)
+    finally:
+        if closer is not None:
+            closer.close()
+    res.tensors = len(items)
+    res.stored = sum(1 for it in items if it.alias is None)
+    res.aliases = {it.name: it.alias.base for it in items if it.alias is not None}
+    res.verified = True
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _carried_metadata(src: Any) -> dict[str, str]:
+    """safetensors metadata of the source worth keeping (never torchkeep's own keys)."""
+    meta = {"format": "pt"}
+    reader = getattr(src, "reader", None)
+    if reader is not None and getattr(reader, "format", None) == "safetensors":
+        for k, v in reader.metadata.items():
+            if isinstance(v, str) and not k.startswith("torchkeep."):
+                meta[k] = v
+        # save_model's {dropped: kept} entries describe the source's ties, not ours.
+        names = set(reader.header.tensors)
+        meta = {k: v for k, v in meta.items() if not (v in names and k not in names)}
+    return meta
+
+
+def _convert_file(items: list[_Item], dst: str, fmt: str, meta: dict[str, str],
+                  tick: Callable[[int], None], res: ConvertResult) -> None:
+    feeder = _Feeder(items)
+    with atomic_write(dst) as f:
+        if fmt == "safetensors":
+            sync, res.nbytes = _write_safetensors(f, items, meta, feeder, tick)
+            reader: Reader = st.SafetensorsReader(f.name)
+        else:
+            from .formats.torchzip import TorchZipReader
+
+            sync, res.nbytes = _write_torch(f, items, feeder, tick)
+            reader = TorchZipReader(f.name)
+        try:
+            _verify(reader, items, dst)
+        finally:
+            reader.close()
+            sync.result()  # type: ignore[attr-defined]
+    res.files = [dst]
+
+
+def _convert_sharded(items: list[_Item], dst: str, fmt: str, limit: int, meta: dict[str, str],
+                     tick: Callable[[int], None], res: ConvertResult, overwrite: bool) -> None:
+    from .formats.hfindex import ShardedReader
+
+    shards = _shards(items, limit)
+    n = len(shards)
+    stem, ext = ("model", ".safetensors") if fmt == "safetensors" else ("pytorch_model", ".bin")
+    names = [f"{stem}{ext}"] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}{ext}" for i in range(n)]
+    feeder = _Feeder(items)
+    build = tmp_name(dst) if os.path.exists(dst) else dst
+    with atomic_dir(build) as folder:
+        open_files: list[tuple[Any, Any]] = []
+        try:
+            for shard, name in zip(shards, names):
+                f = open(os.path.join(folder, name), "wb")
+                open_files.append((f, None))
+                if fmt == "safetensors":
+                    sync, nb = _write_safetensors(f, shard, meta, feeder, tick)
+                else:
+                    sync, nb = _write_torch(f, shard, feeder, tick)
+                open_files[-1] = (f, sync)
+                res.nbytes += nb
+            _write_index(folder, n, shards, names, stem, ext, res.nbytes)
+            reader = ShardedReader(folder)
+            try:
+                _verify(reader, items, dst)
+            finally:
+                reader.close()
+        finally:
+            for f, sync in open_files:
+                if sync is not None:
+                    sync.join()
+                f.close()
+        for f, sync in open_files:
+            sync.result()
+    if build != dst:  # replacing an existing folder: swap it out, then remove the old one
+        old = tmp_name(dst)
+        os.rename(dst, old)
+        os.rename(build, dst)
+        fsync_dir(os.path.dirname(os.path.abspath(dst)))
+        shutil.rmtree(old, ignore_errors=True)
+    res.files = [os.path.join(dst, nm) for nm in sorted(os.listdir(dst))]
+
+
+def _write_index(folder: str, n: int, shards: Sequence[Sequence[_Item]], names: Sequence[str],
+                 stem: str, ext: str, total: int) -> None:
+    """The HF index naming each stored tensor's shard (aliases live in their shard's metadata)."""
+    if n < 2:
+        return
+    weight_map = {it.name: name for shard, name in zip(shards, names) for it in shard
+                  if it.alias is None}
+    doc = {"metadata": {"total_size": total, "format": "pt"}, "weight_map": weight_map}
+    with open(os.path.join(folder, f"{stem}{ext}.index.json"), "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+
+
+class _CallableModule(type(json)):
+    """``torchkeep.convert`` is both this module and the function: whichever an import left
+    bound on the package, calling it converts."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> ConvertResult:
+        return convert(*args, **kwargs)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule

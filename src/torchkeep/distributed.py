@@ -1,0 +1,779 @@
+"""Training state across the ranks of a ``torch.distributed`` process group.
+
+A :class:`~torchkeep.manager.CheckpointManager` used inside a process group (or with a model
+whose parameters are DTensors: FSDP2 ``fully_shard``, tensor parallel) saves and restores through
+:class:`ShardedCheckpointing`:
+
+* the model and optimizer state come from ``torch.distributed.checkpoint.state_dict``'s
+  ``get_state_dict`` (canonical names: no ``module.``/``_orig_mod.`` prefixes, optimizer state
+  keyed by parameter name), so a checkpoint restores whatever the wrapping and the number of ranks;
+* DTensors (each rank's shards) are written by every rank through DCP's planner and
+  ``FileSystemWriter`` into ``step-N/shards`` (``dcp.async_save`` when the manager saves
+  asynchronously); tensors every rank holds alike (a DDP model, optimizer step counters, the
+  scheduler, RNG, extras) are written once, by rank 0, in torchkeep's own format (deduplicated,
+  crc32 per tensor), and restored on every rank; each rank's RNG state is kept;
+* the commit comes last: after DCP finished on every rank (its ``.metadata`` is written once all
+  ranks' data is), every rank hashes its share of the shard files, rank 0 writes the manifest
+  (with those sha256) and the commit record, then rotates. A rank killed mid-save leaves a folder
+  without commit record, which restore never chooses and the next save removes;
+* restore checks every candidate on all ranks (each rank verifies its share of the shard files)
+  and agrees on the newest good one; DCP reshards on load, so 2 ranks' checkpoint restores on 1
+  or on 3.
+
+The rank helpers work without a process group (rank 0 of 1), so the same training script runs
+under ``torchrun`` and as a plain process.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import pickle
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import torch
+
+from . import serial
+from .errors import CorruptCheckpointError, StateError, UnsafeCheckpointError
+from .formats import native, sharded
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .convert import ConvertResult
+    from .manager import CheckpointManager
+    from .state import TrainState
+
+log = logging.getLogger(__name__)
+
+LAYOUT = "canonical"   # model/optimizer as get_state_dict gives them
+
+
+# -- ranks -------------------------------------------------------------------------------------
+
+def _dist() -> Any:
+    import torch.distributed as dist
+    return dist
+
+
+def is_distributed() -> bool:
+    """True inside an initialized ``torch.distributed`` process group."""
+    dist = _dist()
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return _dist().get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    """Number of ranks (1 without a process group)."""
+    return _dist().get_world_size() if is_distributed() else 1
+
+
+def local_rank() -> int:
+    """Rank on this machine, from torchrun's ``LOCAL_RANK`` (0 when not set)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a process without a process group)."""
+    return rank() == 0
+
+
+def barrier(group: Any = None) -> None:
+    """Wait for every rank (a no-op without a process group)."""
+    if is_distributed():
+        _dist().barrier(group=group)
+
+
+def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
+    """``obj`` of rank ``src`` on every rank (pickled in memory; never from a file)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    _dist().broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    dist = _dist()
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def gather_object(obj: Any, dst: int = 0, group: Any = None) -> list[Any] | None:
+    """Every rank's ``obj`` on rank ``dst`` (None on the others)."""
+    if not is_distributed():
+        return [obj]
+    dist = _dist()
+    me = dist.get_rank()
+    out: list[Any] | None = [None] * dist.get_world_size(group) if me == dst else None
+    dist.gather_object(obj, out, dst=dst, group=group)
+    return out
+
+
+def _dtensor_cls() -> type | None:
+    """DTensor when torch.distributed.tensor is loaded (a state cannot hold one otherwise)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None) if mod is not None else None
+
+
+def is_dtensor(t: Any) -> bool:
+    cls = _dtensor_cls()
+    return cls is not None and isinstance(t, cls)
+
+
+# -- the objects of a TrainState ---------------------------------------------------------------
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, Mapping) and not isinstance(value, torch.nn.Module):
+        return dict(value)
+    return {"": value}
+
+
+def _path(part: str, name: str) -> str:
+    return f"{part}.{name}" if name else part
+
+
+def has_dtensors(state: Any) -> bool:
+    """True when a model of ``state`` (a TrainState) has DTensor parameters or buffers."""
+    if _dtensor_cls() is None:
+        return False
+    for m in _as_dict(getattr(state, "model", None)).values():
+        if isinstance(m, torch.nn.Module):
+            for t in (*m.parameters(), *m.buffers()):
+                if is_dtensor(t):
+                    return True
+    return False
+
+
+@contextlib.contextmanager
+def _detached(state: "TrainState", *parts: str) -> Iterator[None]:
+    """``state`` without ``parts`` for the duration (its own capture/restore then skip them)."""
+    saved = {p: getattr(state, p) for p in parts}
+    try:
+        for p in parts:
+            setattr(state, p, None)
+        yield
+    finally:
+        for p, v in saved.items():
+            setattr(state, p, v)
+
+
+def _optimizer_owners(state: "TrainState") -> dict[str, tuple[str, torch.nn.Module, Any]]:
+    """optimizer name -> (model name, model, optimizer): the model holding all its parameters."""
+    models = {n: m for n, m in _as_dict(state.model).items() if isinstance(m, torch.nn.Module)}
+    out = {}
+    for oname, opt in _as_dict(state.optimizer).items():
+        ids = {id(p) for g in opt.param_groups for p in g["params"]}
+        for mname, m in models.items():
+            if ids <= {id(p) for p in m.parameters()}:
+                out[oname] = (mname, m, opt)
+                break
+        else:
+            raise StateError("the optimizer's parameters are not all in one model of this TrainState",
+                             entry=_path("optimizer", oname),
+                             hint="pass the model(s) it optimizes as model= (a dict for several)")
+    return out
+
+
+def _optimizer_state_dict(model: torch.nn.Module, opt: Any, *, init: bool = False) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import _get_fqns, get_optimizer_state_dict
+
+    if opt.state or init:  # init: for restoring, the state tensors DCP loads into must exist
+        return get_optimizer_state_dict(model, opt)
+    # Nothing stepped yet. get_optimizer_state_dict would make the state with a zero-gradient
+    # step (Adam's step count would become 1 and the resumed run would differ): name the
+    # parameters of each group ourselves instead.
+    names = {}
+    for n, p in model.named_parameters():
+        names.setdefault(id(p), sorted(_get_fqns(model, n))[0])
+    groups = []
+    for g in opt.state_dict()["param_groups"]:
+        groups.append(dict(g))
+    for g, live in zip(groups, opt.param_groups):
+        g["params"] = [names[id(p)] for p in live["params"]]
+        g.pop("param_names", None)
+    return {"state": {}, "param_groups": groups}
+
+
+def _canonical_parts(state: "TrainState", *, restoring: bool = False) -> dict[str, Any]:
+    """``{'model': ..., 'optimizer': ...}`` as ``get_state_dict`` gives them (live tensors,
+    DTensors where sharded), shaped like :meth:`TrainState.capture` (one object: no name level).
+    ``restoring``: optimizers that have not stepped get their state tensors made (to load into)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    out: dict[str, Any] = {}
+    models = _as_dict(state.model)
+    if models:
+        msd = {}
+        for name, m in models.items():
+            if not isinstance(m, torch.nn.Module):
+                raise StateError(f"expected a torch.nn.Module, got {type(m).__name__}",
+                                 entry=_path("model", name))
+            msd[name] = get_model_state_dict(m)
+        out["model"] = msd[""] if list(msd) == [""] else msd
+    owners = _optimizer_owners(state)
+    if owners:
+        osd = {name: _optimizer_state_dict(m, opt, init=restoring) for name, (_, m, opt) in owners.items()}
+        out["optimizer"] = osd[""] if list(osd) == [""] else osd
+    return out
+
+
+def capture(state: "TrainState") -> dict[str, Any]:
+    """:meth:`TrainState.capture` with model and optimizer in the canonical, rank-independent
+    form of ``torch.distributed.checkpoint.state_dict`` (live tensors, DTensors where sharded)."""
+    with _detached(state, "model", "optimizer"):
+        tree = state.capture()
+    types_ = tree.setdefault("meta", {}).setdefault("types", {})
+    for part in ("model", "optimizer"):
+        for name, obj in _as_dict(getattr(state, part)).items():
+            t = type(obj)
+            types_[_path(part, name)] = f"{t.__module__}.{t.__qualname__}"
+    tree["meta"]["layout"] = LAYOUT
+    parts = _canonical_parts(state)
+    return {**parts, **tree}
+
+
+# -- reading DCP metadata without running code ---------------------------------------------------
+
+_DCP_META = "torch.distributed.checkpoint.metadata"
+_ALLOWED_GLOBALS = {
+    *((_DCP_META, n) for n in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                               "TensorStorageMetadata", "BytesStorageMetadata",
+                               "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata classes and nothing else (no function of the file's choosing)."""
+
+    def __init__(self, f: Any, path: str) -> None:
+        super().__init__(f)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise UnsafeCheckpointError(f".metadata imports {module}.{name}, which DCP metadata never "
+                                    f"holds", globals=[f"{module}.{name}"], path=self.path,
+                                    hint="the shards folder was not written by DCP; do not load it")
+
+
+def _safe_reader(path: str) -> Any:
+    """DCP's FileSystemReader whose ``.metadata`` goes through :class:`_MetadataUnpickler`
+    (DCP's own uses plain pickle); tensor data is read by DCP with ``weights_only=True``."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeFileSystemReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            mpath = os.path.join(os.fspath(self.path), sharded_metadata_name())
+            with open(mpath, "rb") as f:
+                md = _MetadataUnpickler(io.BytesIO(f.read()), mpath).load()
+            if type(md).__name__ != "Metadata":
+                raise UnsafeCheckpointError(f".metadata holds a {type(md).__name__}", path=mpath)
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    return SafeFileSystemReader(path)
+
+
+def sharded_metadata_name() -> str:
+    from .formats.dcp import METADATA
+    return METADATA
+
+
+# -- saving and restoring through a CheckpointManager --------------------------------------------
+
+def handles(manager: "CheckpointManager", state: Any, *, restoring: bool = False) -> bool:
+    """True when ``manager`` must save/restore ``state`` through :class:`ShardedCheckpointing`:
+    inside a process group, for a state with DTensors, and (restoring) when the folder holds a
+    checkpoint written by ranks."""
+    if is_distributed() or has_dtensors(state):
+        return True
+    if restoring:
+        for info in manager.list():
+            with contextlib.suppress(CorruptCheckpointError, OSError, ValueError):
+                rec = native.read_commit(manager.storage, info.path)
+                if rec and rec.get(sharded.SECTION):
+                    return True
+    return False
+
+
+class ShardedCheckpointing:
+    """The save and restore of a :class:`~torchkeep.manager.CheckpointManager` across ranks.
+
+    Every rank calls :meth:`save` and :meth:`restore` at the same point of the run (they are
+    collective). Checkpoint-side collectives run on a gloo group of their own, so that an
+    asynchronous save's background thread never interleaves with the training's collectives.
+    """
+
+    def __init__(self, manager: "CheckpointManager") -> None:
+        self.manager = manager
+        self._group: Any = None
+        self._group_made = False
+
+    @classmethod
+    def of(cls, manager: "CheckpointManager") -> "ShardedCheckpointing":
+        """The instance attached to ``manager`` (made on first use)."""
+        inst = manager.__dict__.get("_sharded")
+        if inst is None:
+            inst = manager.__dict__["_sharded"] = cls(manager)
+        return inst
+
+    @property
+    def group(self) -> Any:
+        if not self._group_made:
+            self._group_made = True
+            if is_distributed() and world_size() > 1:
+                self._group = _dist().new_group(backend="gloo")
+        return self._group
+
+    def _agree(self, err: BaseException | None, what: str) -> None:
+        """Raise on every rank if ``what`` failed on any (so that no rank goes on alone)."""
+        msgs = all_gather_object(None if err is None else f"{type(err).__name__}: {err}", self.group)
+        if err is not None:
+            raise err
+        for r, msg in enumerate(msgs):
+            if msg:
+                raise StateError(f"rank {r} failed to {what}: {msg}")
+
+    # -- save ---------------------------------------------------------------------------------
+    def save(self, state: "TrainState | Mapping[str, Any]", step: int | None = None,
+             metrics: Mapping[str, Any] | None = None) -> None:
+        from .manager import _plain_metrics
+        from .state import TrainState
+
+        m = self.manager
+        m._check_open()
+        m.wait()
+        if step is None:
+            if not isinstance(state, TrainState):
+                raise StateError("save() of a plain mapping needs step=")
+            step = state.step
+        step = int(step)
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        local = m.storage.local_path(m.root)
+        if local is None:
+            raise StateError("checkpoints of a process group need a local or shared folder",
+                             entry=None, hint=f"{m.directory} is a URL; use a mounted path")
+        W, me = world_size(), rank()
+        group = self.group
+        folder = m.storage.join(m.root, native.step_dirname(step))
+
+        err = None
+        if me == 0:
+            try:
+                self._prepare(step, folder)
+            except BaseException as e:  # raised on every rank by _agree
+                err = e
+        self._agree(err, "prepare the checkpoint folder")
+
+        if isinstance(state, TrainState):
+            tree, allow = capture(state), state.allow_pickle
+        else:
+            tree, allow = dict(state), False
+        rngs = gather_object(tree.get("rng"), 0, group)
+        if me == 0:
+            tree[sharded.SECTION] = {"world_size": W, "rng": rngs}
+        plain = _plain_metrics(metrics)
+        try:
+            enc = serial.encode(tree, allow_pickle=allow)
+            mjson = serial.encode(plain).tree
+            err = None
+        except StateError as e:
+            err = e
+        self._agree(err, "encode the training state")
+
+        shards = {k: t for k, t in enc.tensors.items() if is_dtensor(t)}
+        extra = {k: {"dtype": serial.dtype_name(t.dtype), "shape": list(t.shape), sharded.KEY: k,
+                     "device": str(t.device)} for k, t in shards.items()}
+        pending: Any = None
+        if shards:
+            pending = self._dcp_save(shards, os.path.join(folder, sharded.SHARDS), m.async_save)
+        snap = None
+        if me == 0:
+            snap = m._snapshot(serial.Encoded(enc.tree, {k: t for k, t in enc.tensors.items()
+                                                         if k not in shards}))
+        m._last_save = time.monotonic()
+        job = (step, folder, snap, extra, pending, mjson, plain)
+        if m.async_save:
+            t = threading.Thread(target=self._run_finish, args=job, name=f"torchkeep-save-{step}",
+                                 daemon=False)
+            with m._mutex:
+                m._thread = t
+            t.start()
+        else:
+            self._finish(*job)
+
+    def _prepare(self, step: int, folder: str) -> None:
+        """Rank 0, before any rank writes: the manager's lock and clean-up, and no old folder
+        of this step (its commit record goes first)."""
+        m = self.manager
+        m._begin_writing()
+        with m._mutex:
+            m._entries.pop(step, None)
+        if m.storage.exists(folder):
+            native.uncommit(m.storage, folder)
+            m.storage.rmtree(folder)
+        m.storage.makedirs(folder)
+
+    def _dcp_save(self, shards: dict[str, Any], path: str, asynchronous: bool) -> Any:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemWriter
+        from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+        writer = FileSystemWriter(path, single_file_per_rank=True, sync_files=True, thread_count=1,
+                                  overwrite=True)
+        # Replicated shards (a DTensor with Replicate placements) are written by the lowest rank.
+        planner = DefaultSavePlanner(dedup_save_to_lowest_rank=True)
+        no_dist = self.group is None
+        if asynchronous:
+            fut = dcp.async_save(shards, storage_writer=writer, planner=planner,
+                                 process_group=self.group, no_dist=no_dist)
+            return getattr(fut, "upload_completion", fut)
+        return dcp.save(shards, storage_writer=writer, planner=planner, process_group=self.group,
+                        no_dist=no_dist)
+
+    def _run_finish(self, *job: Any) -> None:
+        m = self.manager
+        try:
+            self._finish(*job)
+        except BaseException as e:  # raised by the manager's next save()/wait()
+            log.debug("background save of step %d failed", job[0], exc_info=True)
+            with m._mutex:
+                m._error = e
+
+    def _finish(self, step: int, folder: str, snap: Any, extra: dict[str, Any], pending: Any,
+                mjson: Any, plain: dict[str, Any]) -> None:
+        """After DCP: hash this rank's share of the shard files; rank 0 writes manifest and
+        commit record and rotates; every rank learns whether that worked."""
+        W, me = world_size(), rank()
+        err: BaseException | None = None
+        digests: dict[str, Any] = {}
+        try:
+            md = pending.result() if isinstance(pending, Future) else pending
+            names = self._shard_files(md, folder) if extra else []
+            for i, rel in enumerate(names):
+                if i % W == me:
+                    digests[rel] = sharded.file_digest(os.path.join(folder, rel))
+        except BaseException as e:
+            err = e
+        got = all_gather_object((None if err is None else f"{type(err).__name__}: {err}", digests),
+                                self.group)
+        failed = [(r, msg) for r, (msg, _) in enumerate(got) if msg]
+        if err is None and not failed and me == 0:
+            files: dict[str, Any] = {}
+            for _, d in got:
+                files.update(d)
+            try:
+                self._commit(step, folder, snap, extra, files, mjson, plain, W)
+            except BaseException as e:
+                err = e
+        if failed and err is None:
+            r, msg = failed[0]
+            err = StateError(f"rank {r} failed to write its shards of step {step}: {msg}")
+        self._agree(err, f"commit step {step}")
+
+    @staticmethod
+    def _shard_files(md: Any, folder: str) -> list[str]:
+        rel = {f"{sharded.SHARDS}/{info.relative_path}"
+               for info in getattr(md, "storage_data", {}).values()} if md is not None else set()
+        if not rel:  # not told by DCP: take what is in the folder
+            base = os.path.join(folder, sharded.SHARDS)
+            rel = {f"{sharded.SHARDS}/{n}" for n in os.listdir(base) if n.endswith(".distcp")}
+        rel.add(f"{sharded.SHARDS}/{sharded_metadata_name()}")
+        return sorted(rel)
+
+    def _commit(self, step: int, folder: str, snap: Any, extra: dict[str, Any],
+                files: dict[str, Any], mjson: Any, plain: dict[str, Any], W: int) -> None:
+        from . import __version__
+        from .manager import CheckpointInfo, _Entry
+        from .store import fsync_dir
+
+        m = self.manager
+        if extra:
+            fsync_dir(os.path.join(folder, sharded.SHARDS))
+        known: dict[str, int] = {}
+        with m._mutex:
+            for e in m._entries.values():
+                known.update(e.refs or {})
+        created = time.time()
+        section = {"world_size": W, "shards": sharded.SHARDS, "files": files}
+        meta = {"step": step, "created": created, "metrics": mjson, "torch": torch.__version__,
+                "torchkeep": __version__, sharded.SECTION: section}
+        res = m.writer.write(folder, snap, known=known, meta=meta, extra_tensors=extra)
+        shard_bytes = sum(int(f["size"]) for f in files.values())
+        nbytes = res.nbytes + sum(serial.dtype_from_name(e["dtype"]).itemsize * _prod(e["shape"])
+                                  for e in extra.values())
+        record = {"step": step, "created": created, "metrics": mjson,
+                  "manifest_sha256": res.manifest_sha256, "nbytes": nbytes,
+                  "written": res.written + shard_bytes, sharded.SECTION: {"world_size": W}}
+        native.commit(m.storage, folder, record)
+        info = CheckpointInfo(step, folder, created, plain, nbytes, res.written + shard_bytes)
+        with m._mutex:
+            m._entries[step] = _Entry(info, res.blobs)
+        log.debug("saved step %d from %d ranks: %d bytes", step, W, nbytes)
+        m._rotate()
+
+    # -- restore ------------------------------------------------------------------------------
+    def restore(self, state: "TrainState", which: Any = "latest", *, strict: bool = True) -> int | None:
+        """Load the chosen checkpoint into ``state`` on every rank and return its step (None in
+        a folder without one). A damaged candidate (on any rank) is skipped by all ranks alike
+        in favour of the next good one; a given step is never replaced by another."""
+        m = self.manager
+        m.wait()
+        group = self.group
+        cands, err = None, None
+        if rank() == 0:
+            try:
+                cands = m._candidates(which)
+            except BaseException as e:
+                err = e
+        self._agree(err, "list the checkpoints")
+        cands = broadcast_object(cands, 0, group)
+        if not cands:
+            if isinstance(which, int) and not isinstance(which, bool):
+                raise StateError(f"no committed checkpoint at step {which}")
+            return None
+        problems = []
+        for info in cands:
+            got, problem = self._read(info.path, state.allow_pickle)
+            seen = [p for p in all_gather_object(problem, group) if p]
+            if seen:
+                problems.append(seen[0])
+                if isinstance(which, int) and not isinstance(which, bool):
+                    raise CorruptCheckpointError(seen[0], path=info.path)
+                log.warning("checkpoint %s is damaged (%s); trying an older one", info.path, seen[0])
+                continue
+            if problems:
+                log.warning("resuming from %s instead of the damaged newer checkpoint(s)", info.path)
+            kind, payload = got
+            if kind == "regular":
+                state.restore(payload, strict=strict)
+            else:
+                self._apply(state, info.path, *payload, strict=strict)
+            return info.step
+        raise CorruptCheckpointError(f"all {len(cands)} checkpoints are damaged; the newest: {problems[0]}",
+                                     path=m.root, hint="torchkeep verify shows the details")
+
+    def _read(self, folder: str, allow_pickle: bool) -> tuple[Any, str | None]:
+        """This rank's checks of one candidate: the manifest, the tensors every rank reads (crc32)
+        and this rank's share of the shard files (sha256). (kind, payload) or a problem."""
+        m = self.manager
+        try:
+            rec = native.read_commit(m.storage, folder)
+            if rec is None:
+                return None, f"{folder}: not committed"
+            manifest = native.read_manifest(m.storage, folder, rec)
+            if not sharded.section(manifest):
+                return ("regular", m._read(folder, allow_pickle)), None
+            table = manifest.get("tensors", {})
+            keys = [k for k, e in table.items() if not sharded.is_shard_entry(e)]
+            tensors = native.load_tensors(m.storage, folder, manifest, keys)
+            files = sorted(sharded.section(manifest).get("files") or {})
+            bad = sharded.verify(m.storage, folder, manifest, files[rank()::world_size()])
+            if bad:
+                return None, str(bad[0])
+            return ("canonical", (manifest, tensors)), None
+        except CorruptCheckpointError as e:
+            return None, str(e)
+
+    def _apply(self, state: "TrainState", folder: str, manifest: dict[str, Any],
+               tensors: dict[str, torch.Tensor], *, strict: bool) -> None:
+        table = manifest.get("tensors", {})
+        parts = _canonical_parts(state, restoring=True)
+        targets = serial.encode(parts).tensors
+        wanted = {k: e for k, e in table.items() if sharded.is_shard_entry(e)}
+        problems = []
+        for k, e in wanted.items():
+            t = targets.get(k)
+            if t is None:
+                if strict:
+                    problems.append(f"{k}: in the checkpoint, not in this state")
+                continue
+            if list(t.shape) != list(e["shape"]) or serial.dtype_name(t.dtype) != e["dtype"]:
+                problems.append(f"{k}: the checkpoint has {e['dtype']} {list(e['shape'])}, this state "
+                                f"{serial.dtype_name(t.dtype)} {list(t.shape)}")
+        err = StateError("does not match the checkpoint: " + "; ".join(problems[:5]), path=folder,
+                         hint="restore with strict=False to skip what does not fit"
+                         ) if problems else None
+        self._agree(err, "match the checkpoint")
+
+        load = {k: targets[k] for k in wanted if k in targets}
+        if load:
+            import torch.distributed.checkpoint as dcp
+
+            shards = os.path.join(folder, sharded.section(manifest).get("shards", sharded.SHARDS))
+            dcp.load(load, storage_reader=_safe_reader(shards), process_group=self.group,
+                     no_dist=self.group is None)
+
+        def tensor(key: str, tag: Mapping[str, Any]) -> Any:
+            if key in load:
+                return load[key]
+            if key in tensors:
+                t, tgt = tensors[key], targets.get(key)
+                if is_dtensor(tgt) and not is_dtensor(t):  # written whole (DDP), restored sharded
+                    from torch.distributed.tensor import distribute_tensor
+                    t = distribute_tensor(t.to(tgt.device), tgt.device_mesh, tgt.placements,
+                                          src_data_rank=None)
+                return t
+            if key in wanted:  # strict=False and this state has no such tensor
+                return sharded.load(self.manager.storage, folder, manifest, [key])[key]
+            raise CorruptCheckpointError("the state refers to a tensor the manifest does not list",
+                                         path=folder, entry=key)
+
+        def pickled(value: serial.PickledValue, path: str) -> Any:
+            if not state.allow_pickle:
+                raise StateError(f"holds a pickled {value.type_name}", entry=path,
+                                 hint="create the TrainState with allow_pickle=True to unpickle it")
+            return value.load()
+
+        tree = serial.decode(manifest.get("state"), tensor, pickled=pickled)
+        self._set_model_optimizer(state, tree, strict)
+        rest = {k: v for k, v in tree.items() if k not in ("model", "optimizer", sharded.SECTION)}
+        ranks_rng = (tree.get(sharded.SECTION) or {}).get("rng")
+        me = rank()
+        if isinstance(ranks_rng, list):
+            saved_w = len(ranks_rng)
+            if me < saved_w and ranks_rng[me] is not None:
+                rest["rng"] = ranks_rng[me]
+            else:
+                rest.pop("rng", None)
+            if saved_w != world_size() and me == 0:
+                log.warning("%s was written by %d ranks, restored on %d: random streams continue "
+                            "per rank where a rank existed; the run will not be bit-identical",
+                            folder, saved_w, world_size())
+        with _detached(state, "model", "optimizer"):
+            state.restore(rest, strict=strict)
+
+    def _set_model_optimizer(self, state: "TrainState", tree: Mapping[str, Any], strict: bool) -> None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        opts = StateDictOptions(strict=strict)
+        types_ = (tree.get("meta") or {}).get("types", {})
+        for part in ("model", "optimizer"):
+            items, stored = _as_dict(getattr(state, part)), tree.get(part)
+            if stored is not None and not items and strict:
+                raise StateError(f"the checkpoint holds a {part} but this TrainState has none",
+                                 entry=part, hint="pass strict=False to restore the rest")
+            if stored is None and items and strict:
+                raise StateError(f"this TrainState has a {part} but the checkpoint holds none",
+                                 entry=part, hint="pass strict=False to restore the rest")
+        models = _as_dict(state.model)
+        stored_models = _named(tree.get("model"), models, "model")
+        for name, model in models.items():
+            if name not in stored_models:
+                continue
+            try:
+                set_model_state_dict(model, stored_models[name], options=opts)
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise StateError(f"does not match the checkpoint: {str(e).strip()}",
+                                 entry=_path("model", name)) from e
+        owners = _optimizer_owners(state)
+        stored_opts = _named(tree.get("optimizer"), owners, "optimizer")
+        for name, (_, model, opt) in owners.items():
+            if name not in stored_opts:
+                continue
+            path = _path("optimizer", name)
+            want = types_.get(path)
+            now = f"{type(opt).__module__}.{type(opt).__qualname__}"
+            if want and want != now:
+                raise StateError(f"the checkpoint holds a {want.rsplit('.', 1)[-1]}, this state has a "
+                                 f"{type(opt).__name__}", entry=path)
+            osd = stored_opts[name]
+            try:
+                set_optimizer_state_dict(model, opt, osd, options=opts)
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise StateError(f"does not match the checkpoint: {str(e).strip()}", entry=path) from e
+            if not osd.get("state"):
+                opt.state.clear()  # saved before the first step: stay that way
+
+
+def _named(stored: Any, live: Mapping[str, Any], part: str) -> dict[str, Any]:
+    if stored is None:
+        return {}
+    if list(live) == [""] or not live:
+        return {"": stored}
+    if set(stored) != set(live):
+        raise StateError(f"the checkpoint holds {part}s {sorted(stored)}, this TrainState has "
+                         f"{sorted(live)}", entry=part)
+    return dict(stored)
+
+
+def _prod(xs: Any) -> int:
+    n = 1
+    for x in xs:
+        n *= int(x)
+    return n
+
+
+# -- consolidation ------------------------------------------------------------------------------
+
+def consolidate(src: str | os.PathLike, dst: str | os.PathLike, *, step: int | None = None,
+                everything: bool = False, dtype: str | torch.dtype | None = None,
+                overwrite: bool = False, verify: bool = True,
+                on_progress: Callable[[int, int], None] | None = None) -> "ConvertResult":
+    """Write the full tensors of a sharded checkpoint into one safetensors file, for inference
+    or for a single-process run.
+
+    ``src`` is a manager's folder (its newest committed checkpoint, or ``step``), one checkpoint
+    folder, or a plain DCP folder. By default the model weights are written under the names a
+    bare model uses; ``everything`` writes every tensor of the state under its dotted path
+    (``optimizer.state.fc.weight.exp_avg``). With ``verify`` (the default) the shard files are
+    checked against the manifest's sha256 first. The output is written under a temporary name,
+    fsynced, re-read and compared, then renamed into place (see :func:`torchkeep.convert`).
+    """
+    from .checkpoint import open as open_checkpoint
+    from .convert import convert
+    from .formats.base import TensorRef
+    from .store import storage_for
+
+    path = os.fspath(src)
+    if step is not None:
+        path = os.path.join(path, native.step_dirname(int(step)))
+        if not os.path.isdir(path):
+            raise StateError(f"no checkpoint at step {step}", path=os.fspath(src))
+    ck = open_checkpoint(path)
+    try:
+        folder = getattr(ck.reader, "folder", None)
+        if verify and ck.format == "torchkeep" and folder:
+            storage, _ = storage_for(folder)
+            manifest = ck.reader.manifest  # type: ignore[attr-defined]
+            bad = sharded.verify(storage, folder, manifest)
+            if bad:
+                raise CorruptCheckpointError(str(bad[0]), path=folder,
+                                             hint="torchkeep verify shows every problem")
+        if everything:
+            flat = {k: v for k, v in ck.flat().items() if isinstance(v, TensorRef)}
+            return convert(flat, dst, dtype=dtype, overwrite=overwrite, on_progress=on_progress)
+        return convert(ck, dst, dtype=dtype, overwrite=overwrite, on_progress=on_progress)
+    finally:
+        ck.close()
+
+
+__all__ = ["is_distributed", "rank", "world_size", "local_rank", "is_main", "barrier",
+           "broadcast_object", "all_gather_object", "gather_object", "is_dtensor", "has_dtensors",
+           "capture", "handles", "ShardedCheckpointing", "consolidate"]

@@ -1,0 +1,550 @@
+"""``CheckpointManager``: the policy around checkpoints of a training run — when to save, which to
+keep, which to resume from — on top of the native format (:mod:`torchkeep.formats.native`).
+
+A save goes: capture the state and copy its tensors (the snapshot, in the caller's thread) →
+write blobs, pack and manifest (:class:`~torchkeep.formats.native.NativeWriter`, in a background
+thread when ``async_save``) → write the commit record → rotate. The checkpoint exists only once
+its commit record does; rotation removes a checkpoint's commit record before its folder, and
+deletes only blobs that no committed checkpoint refers to, so a crash at any point leaves every
+kept checkpoint whole. The first save of a manager takes the folder's writer lock and collects
+what a crashed writer left behind (uncommitted folders, temporary files, unreferenced blobs).
+
+Multi-rank writers plug in at the same seams: every rank writes its part of the folder
+(``Snapshot`` → ``writer.write``), then one rank calls ``native.commit`` and rotates.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+
+from . import serial
+from .errors import CorruptCheckpointError, StateError
+from .formats import native
+from .formats.native import Snapshot
+from .state import TrainState
+from .store import BlobStore, LockedError, is_tmp, storage_for
+
+log = logging.getLogger(__name__)
+
+Which = Literal["latest", "best"] | int
+
+
+@dataclass
+class CheckpointInfo:
+    """One checkpoint of a manager's folder, as its commit record describes it."""
+
+    step: int
+    path: str
+    time: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    nbytes: int = 0          # bytes of all tensors in the checkpoint
+    written: int = 0         # bytes this checkpoint added to the folder (the rest was shared)
+    status: str = "ok"       # 'ok' | 'uncommitted' | 'damaged'
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
+
+
+@dataclass
+class _Entry:
+    info: CheckpointInfo
+    refs: dict[str, int] | None = None   # blob digest -> crc32, None until the manifest is read
+
+
+def _plain_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in (metrics or {}).items():
+        if isinstance(v, torch.Tensor):
+            v = v.item() if v.numel() == 1 else v.tolist()
+        elif hasattr(v, "item") and callable(v.item) and not isinstance(v, (list, dict)):
+            v = v.item()
+        out[str(k)] = v
+    return out
+
+
+class CheckpointManager:
+    """Saves training states into ``directory`` (a folder, or an fsspec URL such as ``memory://x``).
+
+    ``keep_last`` newest and ``keep_best`` best (by ``metrics[monitor]``, ``mode`` 'min' or 'max')
+    checkpoints are kept, the newest always; ``keep_last=None`` keeps all. ``should_save(step)``
+    says whether ``every_steps`` / ``every_seconds`` ask for a save. With ``async_save`` a save
+    returns once the state is copied to CPU memory and is written by a background thread (at most
+    one pending; its error is raised by the next ``save``/``wait``). Use it as a context manager
+    to flush pending saves on exit and on SIGTERM/SIGINT.
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep_last: int | None = 3, keep_best: int = 0,
+                 monitor: str | None = None, mode: Literal["min", "max"] = "min",
+                 every_steps: int | None = None, every_seconds: float | None = None,
+                 async_save: bool = True) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if keep_best and not monitor:
+            raise ValueError("keep_best needs monitor= (the metric that decides which is best)")
+        if keep_last is not None and keep_last < 0:
+            raise ValueError("keep_last must be >= 0 or None")
+        self.directory = os.fspath(directory)
+        self.storage, self.root = storage_for(self.directory)
+        self.keep_last, self.keep_best = keep_last, keep_best
+        self.monitor, self.mode = monitor, mode
+        self.every_steps, self.every_seconds = every_steps, every_seconds
+        self.async_save = async_save
+        self.blobs = BlobStore(self.storage, self.storage.join(self.root, native.BLOB_DIR))
+        self.writer = native.NativeWriter(self.storage, self.blobs)
+        self._mutex = threading.RLock()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._entries: dict[int, _Entry] | None = None   # the writer's view, from the first save on
+        self._lock_cm: Any = None
+        self._staging: dict[str, torch.Tensor] = {}
+        self._last_save = time.monotonic()
+        self._handlers: dict[int, Any] = {}
+        self._closed = False
+
+    # -- policy ---------------------------------------------------------------------------
+    def should_save(self, step: int) -> bool:
+        """True when ``step`` is a positive multiple of ``every_steps`` or ``every_seconds`` have
+        passed since the last save; always True when neither is set."""
+        if self.every_steps is None and self.every_seconds is None:
+            return True
+        if self.every_steps and step > 0 and step % self.every_steps == 0:
+            return True
+        return bool(self.every_seconds is not None
+                    and time.monotonic() - self._last_save >= self.every_seconds)
+
+    def _metric(self, info: CheckpointInfo) -> float | None:
+        v = info.metrics.get(self.monitor) if self.monitor else None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            return None
+        return float(v)
+
+    def _ranked_best(self, infos: list[CheckpointInfo]) -> list[CheckpointInfo]:
+        scored = [(m, i) for i in infos if (m := self._metric(i)) is not None]
+        scored.sort(key=lambda mi: (mi[0] if self.mode == "min" else -mi[0], -mi[1].step))
+        return [i for _, i in scored]
+
+    def _keep(self, infos: list[CheckpointInfo]) -> set[int]:
+        steps = [i.step for i in sorted(infos, key=lambda i: i.step)]
+        if not steps:
+            return set()
+        if self.keep_last is None:
+            return set(steps)
+        keep = set(steps[-self.keep_last:]) if self.keep_last else set()
+        keep.add(steps[-1])
+        if self.keep_best:
+            keep.update(i.step for i in self._ranked_best(infos)[:self.keep_best])
+        return keep
+
+    # -- listing --------------------------------------------------------------------------
+    def _info(self, step: int, folder: str) -> CheckpointInfo:
+        try:
+            rec = native.read_commit(self.storage, folder)
+        except CorruptCheckpointError as e:
+            return CheckpointInfo(step, folder, status="damaged", problems=[e.detail])
+        if rec is None:
+            return CheckpointInfo(step, folder, status="uncommitted")
+        metrics = rec.get("metrics") or {}
+        try:
+            metrics = serial.decode(metrics, lambda k, t: None)
+        except StateError:
+            pass
+        return CheckpointInfo(step, folder, time=rec.get("created"), metrics=metrics,
+                              nbytes=int(rec.get("nbytes", 0)), written=int(rec.get("written", 0)))
+
+    def list(self, *, include_uncommitted: bool = False) -> list[CheckpointInfo]:
+        """The checkpoints in the folder, oldest first (committed ones unless asked otherwise).
+        Reads commit records only; :meth:`verify` checks the bytes."""
+        out = []
+        for name in self.storage.listdir(self.root):
+            step = native.parse_step(name)
+            if step is None:
+                continue
+            info = self._info(step, self.storage.join(self.root, name))
+            if info.status == "ok" or include_uncommitted:
+                out.append(info)
+        return sorted(out, key=lambda i: i.step)
+
+    def latest(self) -> CheckpointInfo | None:
+        """The newest committed checkpoint (not verified), or None."""
+        infos = self.list()
+        return infos[-1] if infos else None
+
+    def best(self) -> CheckpointInfo | None:
+        """The committed checkpoint with the best ``monitor`` metric, or None."""
+        if not self.monitor:
+            raise StateError("best() needs monitor= (the metric that decides which is best)")
+        ranked = self._ranked_best(self.list())
+        return ranked[0] if ranked else None
+
+    def verify(self, *, deep: bool = False) -> list[CheckpointInfo]:
+        """Every checkpoint with its status after reading all its bytes: 'ok', 'damaged' (with
+        the problems) or 'uncommitted'. ``deep`` also checks each blob's sha256 against its name."""
+        self.wait()
+        out = []
+        for info in self.list(include_uncommitted=True):
+            if info.status == "ok":
+                problems = native.verify_folder(self.storage, info.path, deep=deep)
+                if problems:
+                    info.status = "damaged"
+                    info.problems = [str(p) for p in problems]
+            out.append(info)
+        return out
+
+    # -- saving ---------------------------------------------------------------------------
+    def save(self, state: TrainState | Mapping[str, Any], step: int | None = None,
+             metrics: Mapping[str, Any] | None = None) -> None:
+        """Checkpoint ``state`` at ``step`` (default: ``state.step``) with ``metrics``.
+
+        Waits for the previous save (and raises its error, if it failed), snapshots the state in
+        this thread, then writes it (in the background with ``async_save``). Saving a step that
+        exists replaces that checkpoint.
+        """
+        self._check_open()
+        # -- torchkeep.distributed: inside a process group, or for a state with DTensors, every
+        # rank writes its part and rank 0 commits (distributed.ShardedCheckpointing) -------------
+        from . import distributed
+        if distributed.handles(self, state):
+            return distributed.ShardedCheckpointing.of(self).save(state, step, metrics)
+        # -----------------------------------------------------------------------------------------
+        self.wait()
+        if step is None:
+            if not isinstance(state, TrainState):
+                raise StateError("save() of a plain mapping needs step=")
+            step = state.step
+        step = int(step)
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        self._begin_writing()
+        if isinstance(state, TrainState):
+            tree, allow = state.capture(), state.allow_pickle
+        else:
+            tree, allow = dict(state), False
+        enc = serial.encode(tree, allow_pickle=allow)
+        try:
+            plain = _plain_metrics(metrics)
+            mjson = serial.encode(plain).tree
+        except StateError as e:
+            raise StateError(f"metrics must be numbers or strings: {e.detail}", entry=e.entry) from None
+        snap = self._snapshot(enc)
+        self._last_save = time.monotonic()
+        if self.async_save:
+            t = threading.Thread(target=self._run_write, args=(step, snap, mjson, plain),
+                                 name=f"torchkeep-save-{step}", daemon=False)
+            with self._mutex:
+                self._thread = t
+            t.start()
+        else:
+            self._write(step, snap, mjson, plain)
+
+    def _snapshot(self, enc: serial.Encoded) -> Snapshot:
+        """CPU tensors that stay unchanged until written: copies into reused staging buffers for
+        an asynchronous save (pinned for accelerator tensors); the live CPU tensors otherwise."""
+        tensors: dict[str, torch.Tensor] = {}
+        devices: dict[str, str] = {}
+        sync_devices: set[torch.device] = set()
+        keep = set()
+        for key, t in enc.tensors.items():
+            on_cpu = t.device.type == "cpu"
+            if not on_cpu:
+                devices[key] = str(t.device)
+            if on_cpu and not self.async_save and t.is_contiguous() and not t.is_conj() and not t.is_neg():
+                tensors[key] = t
+                continue
+            buf = self._staging.get(key)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                pin = not on_cpu and t.device.type == "cuda"
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+                self._staging[key] = buf
+            keep.add(key)
+            with torch.no_grad():
+                buf.copy_(t, non_blocking=not on_cpu)
+            if not on_cpu:
+                sync_devices.add(t.device)
+            tensors[key] = buf
+        for d in sync_devices:
+            if d.type == "cuda":
+                torch.cuda.synchronize(d)
+        for key in list(self._staging):
+            if key not in keep:
+                del self._staging[key]
+        return Snapshot(enc.tree, tensors, devices)
+
+    def _run_write(self, step: int, snap: Snapshot, mjson: Any, plain: dict[str, Any]) -> None:
+        try:
+            self._write(step, snap, mjson, plain)
+        except BaseException as e:  # kept and raised by the next save()/wait()
+            log.debug("background save of step %d failed", step, exc_info=True)
+            with self._mutex:
+                self._error = e
+
+    def _write(self, step: int, snap: Snapshot, mjson: Any, plain: dict[str, Any]) -> None:
+        from . import __version__
+
+        st = self.storage
+        folder = st.join(self.root, native.step_dirname(step))
+        entries = self._entries
+        assert entries is not None
+        with self._mutex:
+            old = entries.pop(step, None)
+        if old is not None or st.exists(folder):
+            native.uncommit(st, folder)
+            st.rmtree(folder)
+        known: dict[str, int] = {}
+        with self._mutex:
+            for e in entries.values():
+                known.update(e.refs or {})
+        created = time.time()
+        meta = {"step": step, "created": created, "metrics": mjson, "torch": torch.__version__,
+                "torchkeep": __version__}
+        res = self.writer.write(folder, snap, known=known, meta=meta)
+        record = {"step": step, "created": created, "metrics": mjson,
+                  "manifest_sha256": res.manifest_sha256, "nbytes": res.nbytes, "written": res.written}
+        native.commit(st, folder, record)
+        info = CheckpointInfo(step, folder, created, plain, res.nbytes, res.written)
+        with self._mutex:
+            entries[step] = _Entry(info, res.blobs)
+        log.debug("saved step %d: %d bytes, %d written", step, res.nbytes, res.written)
+        self._rotate()
+
+    def _rotate(self) -> None:
+        """Delete checkpoints the policy does not keep: commit record first, then the folder,
+        then blobs that no remaining committed checkpoint refers to."""
+        entries = self._entries
+        assert entries is not None
+        with self._mutex:
+            keep = self._keep([e.info for e in entries.values()])
+            drop = [s for s in entries if s not in keep]
+        for s in drop:
+            folder = entries[s].info.path
+            native.uncommit(self.storage, folder)
+            with self._mutex:
+                del entries[s]
+            self.storage.rmtree(folder)
+        if drop:
+            self._collect_blobs()
+
+    def _collect_blobs(self) -> None:
+        entries = self._entries
+        assert entries is not None
+        with self._mutex:
+            live: set[str] = set()
+            for e in entries.values():
+                live.update(e.refs or {})
+        for digest in self.blobs.names() - live:
+            self.blobs.delete(digest)
+
+    def _begin_writing(self) -> None:
+        """On the first save: take the folder's writer lock, then collect what a crashed writer
+        left (temporary files, uncommitted folders, blobs no committed checkpoint refers to)."""
+        if self._entries is not None:
+            return
+        st = self.storage
+        st.makedirs(self.root)
+        cm = st.lock(st.join(self.root, ".lock"))
+        try:
+            cm.__enter__()
+        except LockedError as e:
+            raise StateError(f"another writer holds this folder (pid {e.holder})", entry=None,
+                             hint="one CheckpointManager per folder saves at a time; close() the other "
+                                  "one or use another directory") from None
+        self._lock_cm = cm
+        entries: dict[int, _Entry] = {}
+        for name in st.listdir(self.root):
+            path = st.join(self.root, name)
+            if is_tmp(name):
+                st.rmtree(path) if st.isdir(path) else st.remove(path)
+                continue
+            step = native.parse_step(name)
+            if step is None:
+                continue
+            if not st.exists(st.join(path, native.COMMIT)):
+                log.info("removing %s: never committed (a save was interrupted)", path)
+                st.rmtree(path)
+                continue
+            info = self._info(step, path)
+            refs = _manifest_refs(st, path)
+            entries[step] = _Entry(info, refs)
+        for name in self.blobs.leftovers():
+            st.remove(st.join(self.blobs.folder, name))
+        self.blobs.forget()
+        with self._mutex:
+            self._entries = entries
+        self._collect_blobs()
+
+    def wait(self) -> None:
+        """Block until the pending save is written; raise its error if it failed."""
+        with self._mutex:
+            t = self._thread
+        if t is not None:
+            t.join()
+            with self._mutex:
+                if self._thread is t:
+                    self._thread = None
+        with self._mutex:
+            err, self._error = self._error, None
+        if err is not None:
+            raise err
+
+    # -- restoring ------------------------------------------------------------------------
+    def _candidates(self, which: Which) -> list[CheckpointInfo]:
+        infos = self.list()
+        if which == "latest":
+            return infos[::-1]
+        if which == "best":
+            if not self.monitor:
+                raise StateError("restore(which='best') needs monitor=")
+            return self._ranked_best(infos)
+        if isinstance(which, int) and not isinstance(which, bool):
+            found = [i for i in infos if i.step == which]
+            if not found:
+                raise StateError(f"no committed checkpoint at step {which}", entry=None,
+                                 hint=f"steps: {', '.join(str(i.step) for i in infos) or 'none'}")
+            return found
+        raise ValueError(f"which must be 'latest', 'best' or a step, got {which!r}")
+
+    def load(self, which: Which = "latest", *, allow_pickle: bool = False
+             ) -> tuple[int, dict[str, Any]] | None:
+        """(step, state tree with tensors) of a checkpoint, verified; falls back to older good
+        checkpoints like :meth:`restore`. None when there is none."""
+        got = self._load(which, allow_pickle)
+        return None if got is None else (got[0].step, got[1])
+
+    def _load(self, which: Which, allow_pickle: bool) -> tuple[CheckpointInfo, Any] | None:
+        self.wait()
+        cands = self._candidates(which)
+        if not cands:
+            return None
+        errors = []
+        for info in cands:
+            try:
+                tree = self._read(info.path, allow_pickle)
+            except CorruptCheckpointError as e:
+                errors.append(e)
+                if isinstance(which, int):
+                    raise
+                log.warning("checkpoint %s is damaged (%s); trying an older one", info.path, e)
+                continue
+            if errors:
+                log.warning("resuming from %s instead of the damaged newer checkpoint(s)", info.path)
+            return info, tree
+        raise CorruptCheckpointError(f"all {len(cands)} checkpoints are damaged; the newest: {errors[0]}",
+                                     path=self.root, hint="torchkeep verify shows the details")
+
+    def _read(self, folder: str, allow_pickle: bool) -> Any:
+        manifest = native.read_manifest(self.storage, folder)
+        tensors = native.load_tensors(self.storage, folder, manifest)
+
+        def pickled(value: serial.PickledValue, path: str) -> Any:
+            if not allow_pickle:
+                raise StateError(f"holds a pickled {value.type_name}", entry=path,
+                                 hint="create the TrainState with allow_pickle=True to unpickle it")
+            return value.load()
+
+        try:
+            return serial.decode(manifest.get("state"), lambda k, tag: tensors[k], pickled=pickled)
+        except KeyError as e:
+            raise CorruptCheckpointError(f"the state refers to tensor {e} that the manifest lacks",
+                                         path=folder) from None
+
+    def restore(self, state: TrainState, which: Which = "latest", *, strict: bool = True) -> int | None:
+        """Load a checkpoint into ``state`` and return its step; None in a folder without one.
+
+        Every tensor is checked against its crc32 first. With ``which='latest'`` (or 'best'), a
+        damaged checkpoint is skipped with a warning in favour of the next good one; a given
+        step is never replaced by another.
+        """
+        # -- torchkeep.distributed: in a process group, for a state with DTensors, or when the
+        # folder holds checkpoints written by ranks: every rank restores its part ----------------
+        from . import distributed
+        if distributed.handles(self, state, restoring=True):
+            return distributed.ShardedCheckpointing.of(self).restore(state, which, strict=strict)
+        # -----------------------------------------------------------------------------------------
+        got = self._load(which, state.allow_pickle)
+        if got is None:
+            if isinstance(which, int):
+                raise StateError(f"no committed checkpoint at step {which}")
+            return None
+        info, tree = got
+        state.restore(tree, strict=strict)
+        return info.step
+
+    # -- lifetime -------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StateError("this CheckpointManager is closed")
+
+    def close(self) -> None:
+        """Finish the pending save, release the writer lock and the staging memory."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            self._staging.clear()
+            if self._lock_cm is not None:
+                self._lock_cm.__exit__(None, None, None)
+                self._lock_cm = None
+
+    def __enter__(self) -> "CheckpointManager":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    self._handlers[sig] = signal.signal(sig, self._on_signal)
+                except (ValueError, OSError):  # pragma: no cover - not allowed here
+                    pass
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for sig, prev in self._handlers.items():
+            try:
+                signal.signal(sig, prev)
+            except (ValueError, OSError, TypeError):  # pragma: no cover
+                pass
+        self._handlers.clear()
+        try:
+            self.close()
+        except BaseException:
+            if exc_type is None:
+                raise
+            log.error("the pending checkpoint save failed while handling another error", exc_info=True)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """Flush the pending save, then do what the previous handler would have done."""
+        try:
+            self.wait()
+        except BaseException:
+            log.error("the pending checkpoint save failed", exc_info=True)
+        prev = self._handlers.get(signum, signal.SIG_DFL)
+        if callable(prev):
+            prev(signum, frame)
+        elif prev == signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    def __repr__(self) -> str:
+        return (f"CheckpointManager({self.directory!r}, keep_last={self.keep_last}, "
+                f"keep_best={self.keep_best}, async_save={self.async_save})")
+
+
+def _manifest_refs(storage: Any, folder: str) -> dict[str, int] | None:
+    """Blob references of a folder's manifest, read even if its commit record is damaged (so that
+    garbage collection never deletes what it refers to); None if the manifest is unreadable."""
+    import json
+
+    try:
+        data = storage.read_bytes(storage.join(folder, native.MANIFEST))
+        return native.blob_refs(json.loads(data))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
