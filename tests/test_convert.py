@@ -76,12 +76,17 @@ def _check(got, want):
         assert _same(got[k], v), k
 
 
-@settings(max_examples=20, deadline=None,
+@settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(sd=state_dicts(), torch_out=st.booleans())
-def test_round_trip_property(tmp_path_factory, sd, torch_out):
-    out = tmp_path_factory.mktemp("rt") / ("w.pt" if torch_out else "w.safetensors")
-    res = convert(sd, out)
+@given(sd=state_dicts(), torch_out=st.booleans(), via_file=st.booleans())
+def test_round_trip_property(tmp_path_factory, sd, torch_out, via_file):
+    folder = tmp_path_factory.mktemp("rt")
+    out = folder / ("w.pt" if torch_out else "w.safetensors")
+    src = sd
+    if via_file:  # storage sharing then comes from the torch.save file's storage records
+        src = folder / "src.pt"
+        torch.save(sd, src)
+    res = convert(src, out)
     assert res.verified and res.tensors == len(sd)
     got = torchkeep.open(out).load()
     _check(got, sd)

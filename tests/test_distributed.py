@@ -102,7 +102,10 @@ def build(kind: str, seed: int) -> TrainState:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
     elif kind == "ddp":
-        model = torch.nn.parallel.DistributedDataParallel(model)
+        # One parameter per gradient bucket: a new DDP instance regroups its buckets after its
+        # first backward, and with 3 ranks a different grouping sums gradients in another order
+        # (last-bit differences that no checkpoint can prevent).
+        model = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1e-9)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, 2, gamma=0.5)
     g = torch.Generator().manual_seed(1)
@@ -253,7 +256,7 @@ def test_restore_on_one_process_is_bit_identical(two_ranks):
     ref = _ref(two_ranks)
     st = build("plain", seed=5)
     assert CheckpointManager(two_ranks["dir"]).restore(st) == 6
-    assert (st.step, st.epoch, st.position) == (6, 2, 0)
+    assert (st.step, st.epoch, st.position) == (6, 1, 3)  # saved after the epoch's last batch
     assert_same(ref, full_state(st), "restored on 1 process")
 
 
@@ -277,7 +280,7 @@ def test_open_and_consolidate(two_ranks, tmp_path, cli):
     full = safetensors.torch.load_file(str(tmp_path / "all.safetensors"))
     assert res.tensors == len(full)
     assert {"model.0.weight", "optimizer.state.0.weight.exp_avg", "optimizer.state.3.bias.step",
-            "distributed.rng[1].torch"} <= set(full)
+            "distributed.rng.1.torch"} <= set(full)
     assert not torch.equal(full["model.0.weight"], model["0.weight"])  # step 4, not 6
 
 

@@ -245,3 +245,21 @@ def test_thresholds_come_from_options(tmp_path):
     assert strict.sides[0].stats[0].flags == ["exploded"]
     lax = write_report(tmp_path / "w.pt", out=tmp_path / "b.html")
     assert lax.sides[0].stats[0].flags == []
+
+
+def test_torchkeep_training_state_folders(tmp_path, small_net):
+    manager = pytest.importorskip("torchkeep.manager", reason="CheckpointManager not there yet")
+    from torchkeep.state import TrainState
+
+    state = TrainState(model=small_net)
+    with manager.CheckpointManager(tmp_path / "run", keep_last=3) as mgr:
+        mgr.save(state, 1)
+        with torch.no_grad():
+            small_net.fc.weight.mul_(1.5)
+        mgr.save(state, 2)
+    first = next(p for p in (tmp_path / "run").iterdir() if p.name.endswith("1"))
+    data = torchkeep.write_report(first, tmp_path / "run", tmp_path / "r.html")
+    c = data.comparison
+    assert {ch.name for ch in c.changed} == {"fc.weight"}
+    assert len(c.frozen) == len(small_net.state_dict()) - 1
+    assert data.sides[0].summary.format == "torchkeep"

@@ -6,6 +6,8 @@ full report, and resume training runs exactly after a crash.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -66,6 +68,20 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return __all__
+
+
+class _Package(types.ModuleType):
+    """Keeps ``torchkeep.transfer`` / ``torchkeep.convert`` the functions: importing the
+    submodule of the same name would otherwise make the import system overwrite them."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if (isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}"
+                and _EXPORTS.get(name) == name):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:  # pragma: no cover

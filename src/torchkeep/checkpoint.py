@@ -193,6 +193,22 @@ class Checkpoint:
         self._state = (best, flat, prefixes, counts)
         return self._state
 
+    @property
+    def wrapper(self) -> str | None:
+        """Where the model weights sit in the tree ('' = the top level; None = not found)."""
+        return self._find_state()[0]
+
+    @property
+    def prefixes(self) -> list[str]:
+        """Wrapper prefixes stripped from the weights' names (``module.``, ``_orig_mod.``, ...)."""
+        return list(self._find_state()[2])
+
+    def read(self, refs: Mapping[str, TensorRef], device: str | torch.device = "cpu", *,
+             mmap: bool = False) -> dict[str, torch.Tensor]:
+        """Read the given refs (from :meth:`state_refs` or :meth:`entries`) in one pass,
+        keeping shared storages shared."""
+        return _load_refs(refs, device, mmap)
+
     def state_refs(self) -> dict[str, TensorRef]:
         """The model weights as lazy refs, under the names a bare model would use."""
         return {k: v for k, v in self._find_state()[1].items() if isinstance(v, TensorRef)}

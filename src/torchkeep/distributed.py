@@ -33,6 +33,7 @@ import pickle
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -626,8 +627,10 @@ class ShardedCheckpointing:
             import torch.distributed.checkpoint as dcp
 
             shards = os.path.join(folder, sharded.section(manifest).get("shards", sharded.SHARDS))
-            dcp.load(load, storage_reader=_safe_reader(shards), process_group=self.group,
-                     no_dist=self.group is None)
+            with warnings.catch_warnings():  # one process on purpose: no need to say so
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(load, storage_reader=_safe_reader(shards), process_group=self.group,
+                         no_dist=self.group is None)
 
         def tensor(key: str, tag: Mapping[str, Any]) -> Any:
             if key in load:

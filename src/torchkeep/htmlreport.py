@@ -154,15 +154,18 @@ class ReportPlan:
     def __init__(self, path: str | os.PathLike, other: str | os.PathLike | None,
                  options: ReportOptions) -> None:
         self.options = options
-        self._cks = [open_checkpoint(path)]
-        if other is not None:
-            self._cks.append(open_checkpoint(other))
+        self._cks: list[Checkpoint] = []
         self.sides: list[Side] = []
         self.refs: list[dict[str, TensorRef]] = []
-        for ck in self._cks:
-            side, refs = _side(ck, options.all_tensors)
-            self.sides.append(side)
-            self.refs.append(refs)
+        try:
+            for p in (path, other) if other is not None else (path,):
+                self._cks.append(open_checkpoint(p))
+                side, refs = _side(self._cks[-1], options.all_tensors)
+                self.sides.append(side)
+                self.refs.append(refs)
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def total_bytes(self) -> int:

@@ -50,20 +50,24 @@ class ResumableIndexSampler:
         return self._inner
 
     def skip_next(self, n: int) -> None:
-        """The next iteration starts after the first ``n`` batches."""
+        """Iterators made from now until :meth:`prime` start after the first ``n`` batches.
+
+        (A DataLoader iterator may call ``iter()`` on its sampler more than once while it is
+        built — the multi-process one does — and uses the last one.)
+        """
         self._skip = n
 
     def prime(self) -> None:
-        """Run the skip now (the sampler draws its randomness), before the first batch is loaded."""
-        if self._pending is not None:
-            self._pending.prime()
-            self._pending = None
+        """Run the skip of the iterator in use now (the sampler draws its randomness) before the
+        first batch is loaded, and go back to passing through."""
+        pending, self._pending, self._skip = self._pending, None, None
+        if pending is not None:
+            pending.prime()
 
     def __iter__(self) -> Iterator[Any]:
         if self._skip is None:
             return iter(self._inner)
         it = _Skipping(iter(self._inner), self._skip)
-        self._skip = None
         self._pending = it
         return it
 
@@ -200,8 +204,10 @@ def begin_epoch(loader: DataLoader, progress: LoaderProgress, name: str) -> Iter
         set_generator_states(loader, progress.epoch_start.get("generators", {}))
         set_epoch(loader, progress.epoch)
         sampler.skip_next(progress.position)
-        it = iter(loader)
-        sampler.prime()
+        try:
+            it = iter(loader)
+        finally:
+            sampler.prime()
     finally:
         rng.restore(now_rng)
         set_generator_states(loader, now_gens, strict=False)

@@ -76,7 +76,7 @@ def classify(module: str, name: str) -> str:
     if module == "?":
         return "unsafe"  # a name computed at load time cannot be checked
     full = f"{module}.{name}"
-    if full in _ALLOWED or full in _SAFE_UNSUPPORTED:
+    if full in _ALLOWED or full in _SAFE_UNSUPPORTED or full in _OWN_CLASSES:
         return "safe"
     if module in ("builtins", "__builtin__"):
         return "unsafe" if name in UNSAFE_BUILTINS or name.startswith("_") else "unknown"
@@ -369,6 +369,10 @@ _SAFE_UNSUPPORTED = frozenset({
     "torch.per_tensor_affine", "torch.per_channel_affine", "torch.per_tensor_symmetric",
     "torch.per_channel_symmetric", "torch.per_channel_affine_float_qparams",
 })
+
+# torchkeep's own marker classes that may sit inside a pickled model (a frozen BatchNorm's eval
+# lock): harmless data, still left as placeholders by the reader.
+_OWN_CLASSES = frozenset({"torchkeep.modeling.EvalLock"})
 
 _ALLOWED: dict[str, Any] = _build_allowed()
 

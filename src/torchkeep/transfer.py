@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-import types
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -297,22 +295,16 @@ def _role_order(names: list[str]) -> list[str]:
 
 
 def _from_checkpoint(ckpt: Any, label: str, owned: bool) -> _Source:
-    from .checkpoint import _load_refs
     refs = ckpt.state_refs()
     if not refs:
         raise TransferError("found no model weights to transfer from", path=ckpt.path,
                             hint="torchkeep inspect shows what the file holds")
     specs = {k: _Spec(tuple(r.shape), r.dtype) for k, r in refs.items()}
     roles = order_roles(_role_order(list(specs)), {k: s.shape for k, s in specs.items()})
-    # The wrapper prefixes the reader stripped; _find_state has them already computed
-    # (Checkpoint.summary would walk every entry again for the same list).
-    try:
-        stripped = list(ckpt._find_state()[2])
-    except Exception:  # informative only
-        stripped = []
+    stripped = ckpt.prefixes
 
     def read(names: list[str]) -> dict[str, torch.Tensor]:
-        return _load_refs({n: refs[n] for n in names}, "cpu")
+        return ckpt.read({n: refs[n] for n in names}, "cpu")
 
     return _Source(label, specs, roles, read, stripped, ckpt.close if owned else (lambda: None))
 
@@ -596,15 +588,3 @@ def transfer(model: nn.Module | MutableMapping[str, torch.Tensor], source: Any, 
         return report
     finally:
         src.close()
-
-
-class _CallableModule(types.ModuleType):
-    """``torchkeep.transfer`` is the function, but importing this module (``torchkeep.transfer``)
-    makes the import system set the package attribute to the module instead; calling the
-    module calls the function, so ``torchkeep.transfer(model, source)`` works either way."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> TransferReport:
-        return transfer(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

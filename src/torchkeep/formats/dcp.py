@@ -445,7 +445,10 @@ class DCPReader(Reader):
                 f"says {str(tm.dtype).replace('torch.', '')} {list(c.sizes)}", path=c.where.file)
         return blob.load([ref])[0]
 
-    def load(self, refs: Sequence[TensorRef], device: str | torch.device = "cpu") -> list[torch.Tensor]:
+    def load(self, refs: Sequence[TensorRef], device: str | torch.device = "cpu", *,
+             mmap: bool = False) -> list[torch.Tensor]:
+        """Whole tensors assembled from their chunks (always read into fresh memory: chunks are
+        small zip archives, not mappable views; ``mmap`` is accepted and has no effect)."""
         tensors = self._meta()
         done: dict[str, torch.Tensor] = {}
         out = []

@@ -189,8 +189,10 @@ class ShardedReader(Reader):
         self.metadata.setdefault("shard_format", ",".join(sorted(formats)))
         return out
 
-    def load(self, refs: Sequence[TensorRef], device: str | torch.device = "cpu") -> list[torch.Tensor]:
-        """Read refs from the shard readers that own them (shared storages stay shared)."""
+    def load(self, refs: Sequence[TensorRef], device: str | torch.device = "cpu",
+             **kw: Any) -> list[torch.Tensor]:
+        """Read refs from the shard readers that own them (shared storages stay shared);
+        ``mmap=True`` is passed to shard readers that can map."""
         groups: dict[int, tuple[Reader, list[int]]] = {}
         for i, r in enumerate(refs):
             groups.setdefault(id(r.reader), (r.reader, []))[1].append(i)
@@ -198,7 +200,13 @@ class ShardedReader(Reader):
         for reader, idx in groups.values():
             if reader is self:
                 raise FormatError("a sharded reader does not own tensors itself", path=self.path)
-            for i, t in zip(idx, reader.load([refs[i] for i in idx], device)):
+            try:
+                got = reader.load([refs[i] for i in idx], device, **kw)
+            except TypeError:
+                if not kw:
+                    raise
+                got = reader.load([refs[i] for i in idx], device)
+            for i, t in zip(idx, got):
                 out[i] = t
         return out
 

@@ -423,7 +423,12 @@ class SafetensorsReader(Reader):
             flat = buf.view(info.dtype)
         return flat.view(info.shape)
 
-    def load(self, refs: Sequence[TensorRef], device: str | torch.device = "cpu") -> list[torch.Tensor]:
+    def load(self, refs: Sequence[TensorRef], device: str | torch.device = "cpu", *,
+             mmap: bool = True) -> list[torch.Tensor]:
+        """Read ``refs``; aliases come back as views sharing memory with their base.
+
+        CPU tensors are copy-on-write views of a private map of the file (writable, zero-copy);
+        ``mmap=False`` copies them out so that nothing refers to the file afterwards."""
         if not refs:
             return []
         h = self.header
@@ -444,6 +449,8 @@ class SafetensorsReader(Reader):
                 base = self._base(h.tensors[key], mm)
                 if dev.type != "cpu":
                     base = base.to(dev)
+                elif not mmap and mm is not None:
+                    base = base.clone()
                 bases[key] = base
             if r.offset == 0 and r.stride is None and tuple(r.shape) == tuple(base.shape):
                 out.append(base)
