@@ -40,7 +40,8 @@ def bench(label: str, sd: dict, d: str, repeat: int) -> list:
     for p in (st_path, pt_path, shards):
         drop(p)
     return [
-        (f"{label}: entries() vs torch.load (same weights)", t_entries, t_load, "<= 0.02"),
+        (f"{label}: entries() vs torch.load (same weights)", t_entries, t_load,
+         "<= 0.02" if size >= 2**29 else "(info: the 2% target is for ~1 GiB)"),
         (f"{label}: entries() vs load_file (no touch)", t_entries, t_lf_only, "(info)"),
         (f"{label}: state_dict()+touch vs load_file+touch", t_sd, t_lf, "<= 1.10"),
         (f"{label}: 4 shards: entries() vs torch.load", t_entries_sh, t_load, "(info)"),

@@ -26,7 +26,7 @@ from torchkeep.formats import native
 
 @dataclass(frozen=True)
 class Kill:
-    """Where the process kills itself: ``what`` is 'step' (after training step ``n``), 'write'
+    """Where the process kills itself: ``what`` is 'step' (after its ``n``-th training step), 'write'
     (inside the n-th file write, after its first chunk), 'commit' (right after the n-th commit
     record), 'rmtree' (the n-th folder deletion, after its commit record is gone), 'blobdel'
     (the n-th blob deletion) or 'timer' (after ``n`` milliseconds)."""
@@ -172,7 +172,7 @@ def _train(directory: str, out: str, cfg: Config, kill: Kill, stop_after: int) -
                 sched.step()
                 seen.extend(idx.tolist())
                 state.extras["seen"] += len(idx)
-                if kill.what == "step" and state.step == kill.n:
+                if kill.what == "step" and len(seen) == kill.n * cfg.batch:
                     _die()
                 if mgr.should_save(state.step):
                     mgr.save(state, metrics={"loss": loss.item()})
@@ -226,3 +226,26 @@ def same(a, b, path: str = "") -> list[str]:
 def _bits(t: torch.Tensor) -> torch.Tensor:
     flat = t.detach().contiguous().reshape(-1)
     return flat.view(torch.uint8) if flat.numel() else flat
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python tests/resume_worker.py --dir D --out O [--kill what:n] ...``: one run in a fresh
+    interpreter (what ``scripts/kill_stress.py --spawn`` starts)."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--dir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--kill", default="none:0")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--sync", action="store_true")
+    p.add_argument("--keep-last", type=int, default=2)
+    a = p.parse_args(argv)
+    what, _, n = a.kill.partition(":")
+    cfg = Config(workers=a.workers, async_save=not a.sync, keep_last=a.keep_last)
+    train(a.dir, a.out, cfg, Kill(what, int(n or 0)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -102,10 +102,7 @@ def build(kind: str, seed: int) -> TrainState:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
     elif kind == "ddp":
-        # One parameter per gradient bucket: a new DDP instance regroups its buckets after its
-        # first backward, and with 3 ranks a different grouping sums gradients in another order
-        # (last-bit differences that no checkpoint can prevent).
-        model = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1e-9)
+        model = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, 2, gamma=0.5)
     g = torch.Generator().manual_seed(1)
@@ -157,7 +154,7 @@ def assert_same(ref: dict, got: dict, what: str = "") -> None:
     assert not bad, f"{what}: not bit-identical: {bad}"
 
 
-def _two_rank_run(d: str, out: str) -> None:
+def _two_rank_run(d: str, ddp_dir: str, out: str) -> None:
     me = dist.get_rank()
     st = build("fsdp", seed=0)
     torch.manual_seed(100 + me)  # each rank's own dropout stream
@@ -184,6 +181,27 @@ def _two_rank_run(d: str, out: str) -> None:
         assert_same(ref, got, "resumed at step 2 on 2 ranks")
         open(os.path.join(out, "resume-ok"), "w").close()
 
+    # DDP: replicated state, written once by rank 0 and restored on every rank; each rank's RNG
+    # (dropout) is kept, so the resumed run is bit-identical on every rank. (2 ranks: with 3, a
+    # new DDP instance's gradient all-reduce may sum in another order, which no checkpoint fixes.)
+    ddp = build("ddp", seed=0)
+    torch.manual_seed(200 + me)
+    with CheckpointManager(ddp_dir, async_save=False) as mgr:
+        train(ddp, 3, mgr, save_at=(3,))
+    ddp3 = full_state(ddp)
+    if me == 0:
+        torch.save(ddp3, os.path.join(out, "ddp3.pt"))
+    train(ddp, 6)
+    ref_ddp = full_state(ddp)
+    ddp2 = build("ddp", seed=1)
+    torch.manual_seed(0)
+    assert CheckpointManager(ddp_dir).restore(ddp2) == 3
+    assert_same(ddp3, full_state(ddp2), f"DDP restored on rank {me}")
+    train(ddp2, 6)
+    assert_same(ref_ddp, full_state(ddp2), f"DDP resumed on rank {me}")
+    if me == 0:
+        open(os.path.join(out, "ddp-ok"), "w").close()
+
     # Rank 1 dies while step 8 is saved: after DCP finished (.metadata written, every shard on
     # disk) and before torchkeep's commit. Rank 0 must fail; nothing may look committed.
     train(st2, 8)
@@ -201,6 +219,7 @@ def two_ranks(tmp_path_factory, request):
     """The 2-rank FSDP2 run, once per test session (shared by pytest-xdist workers)."""
     from filelock import FileLock
     # Loaded before forking, so that no rank imports them (seconds each on a busy machine).
+    import torch._dynamo  # noqa: F401  (fully_shard imports it on first use)
     import torch.distributed.checkpoint.state_dict  # noqa: F401
     import torch.distributed.fsdp  # noqa: F401
 
@@ -214,10 +233,11 @@ def two_ranks(tmp_path_factory, request):
             shutil.rmtree(base, ignore_errors=True)
             (base / "out").mkdir(parents=True)
             t0 = time.monotonic()
-            codes = run_ranks(2, _two_rank_run, str(base / "run"), str(base / "out"))
+            codes = run_ranks(2, _two_rank_run, str(base / "run"), str(base / "ddp"), str(base / "out"))
             result.write_text(json.dumps({"codes": codes, "seconds": time.monotonic() - t0}))
     info = json.loads((base / "result.json").read_text())
-    return {"dir": str(base / "run"), "out": str(base / "out"), "codes": info["codes"],
+    return {"dir": str(base / "run"), "ddp": str(base / "ddp"), "out": str(base / "out"),
+            "codes": info["codes"],
             "ref": os.path.join(str(base / "out"), "ref6.pt")}
 
 
@@ -308,39 +328,34 @@ def test_damaged_shard_is_never_restored(two_ranks, tmp_path, caplog):
 
 # -- 3 ranks ------------------------------------------------------------------------------------
 
-def _three_rank_run(d: str, ref_path: str, ddp_dir: str) -> None:
+def _three_rank_run(d: str, ref_path: str, ddp_dir: str, ddp_ref: str) -> None:
     me = dist.get_rank()
     # 2 -> 3: the FSDP2 checkpoint of 2 ranks into 3 (16 rows split 6/5/5).
     st = build("fsdp", seed=9)
     assert CheckpointManager(d).restore(st) == 6
     got = full_state(st, gather=True)
     if me == 0:
-        assert_same(torch.load(ref_path), got, "restored on 3 ranks")
-
-    # DDP: replicated state, written once by rank 0, restored on every rank; each rank's RNG
-    # (dropout) is kept, so the resumed run is bit-identical on every rank.
-    st = build("ddp", seed=0)
-    torch.manual_seed(200 + me)
-    with CheckpointManager(ddp_dir, async_save=False) as mgr:
-        train(st, 3, mgr, save_at=(3,))
-    folder = os.path.join(ddp_dir, native.step_dirname(3))
-    assert not os.path.exists(os.path.join(folder, sharded.SHARDS))  # nothing sharded
-    man = json.load(open(os.path.join(folder, native.MANIFEST)))
-    assert len(man["state"][sharded.SECTION]["rng"]) == 3
-    assert "0.weight" in man["state"]["model"]  # canonical names: no 'module.'
-    train(st, 6)
-    ref = full_state(st)
-    st2 = build("ddp", seed=1)
-    torch.manual_seed(0)
-    assert CheckpointManager(ddp_dir).restore(st2) == 3
-    train(st2, 6)
-    assert_same(ref, full_state(st2), f"DDP resumed on rank {me}")
+        assert_same(torch.load(ref_path), got, "FSDP2 restored on 3 ranks")
+    # The DDP checkpoint of 2 ranks, restored on each of 3.
+    ddp = build("ddp", seed=9)
+    assert CheckpointManager(ddp_dir).restore(ddp) == 3
+    assert_same(torch.load(ddp_ref), full_state(ddp), f"DDP restored on rank {me} of 3")
 
 
-def test_three_ranks_reshard_and_ddp(two_ranks, tmp_path):
+def test_ddp_written_once_and_resumed_exactly(two_ranks):
     _ref(two_ranks)
-    codes = run_ranks(3, _three_rank_run, two_ranks["dir"], two_ranks["ref"], str(tmp_path / "ddp"))
+    assert os.path.exists(os.path.join(two_ranks["out"], "ddp-ok")), \
+        "the resumed DDP run was not bit-identical (see the ranks' output)"
+    folder = os.path.join(two_ranks["ddp"], native.step_dirname(3))
+    # Nothing sharded: one writer's files only, canonical names, every rank's RNG.
+    assert sorted(os.listdir(folder)) == ["commit.json", "manifest.json", "tensors.safetensors"]
+    man = json.load(open(os.path.join(folder, native.MANIFEST)))
+    assert "0.weight" in man["state"]["model"]
+    assert len(man["state"][sharded.SECTION]["rng"]) == 2
+
+
+def test_three_ranks_restore_two_ranks_checkpoints(two_ranks):
+    _ref(two_ranks)
+    codes = run_ranks(3, _three_rank_run, two_ranks["dir"], two_ranks["ref"], two_ranks["ddp"],
+                      os.path.join(two_ranks["out"], "ddp3.pt"))
     assert codes == [0, 0, 0], "a rank failed (its traceback is in the captured output)"
-    # Written once, by rank 0: one writer's files only.
-    step = tmp_path / "ddp" / native.step_dirname(3)
-    assert sorted(os.listdir(step)) == ["commit.json", "manifest.json", "tensors.safetensors"]

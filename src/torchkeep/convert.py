@@ -249,30 +249,49 @@ def _alias_of(it: _Item, base: _Item) -> st.Alias | None:
 # -- reading the source tensor by tensor --------------------------------------------------
 
 class _Feeder:
-    """Loads stored items one storage group at a time and hands out contiguous CPU tensors in
-    the written dtype; a group's tensors are dropped once all of them were written."""
+    """Hands out stored items as contiguous CPU tensors in their written dtype, in the order
+    they are written. Items are read in batches (consecutive items of one reader, up to
+    BATCH_BYTES) so per-call overhead is paid once per batch, and every stored item of a shared
+    storage is read with the first, so a storage is read once; memory stays bounded by a batch."""
 
-    def __init__(self, items: Sequence[_Item]) -> None:
-        self._pending: dict[Any, int] = {}
-        self._by_group: dict[Any, list[_Item]] = {}
-        for it in items:
-            if it.alias is None and it.group is not None:
-                self._by_group.setdefault(it.group, []).append(it)
-        self._cache: dict[Any, dict[str, torch.Tensor]] = {}
+    def __init__(self, order: Sequence[_Item]) -> None:
+        self._order = [it for it in order if it.alias is None]
+        self._pos = {id(it): i for i, it in enumerate(self._order)}
+        self._groups: dict[Any, list[_Item]] = {}
+        for it in self._order:
+            if it.group is not None:
+                self._groups.setdefault(it.group, []).append(it)
+        self._cache: dict[int, torch.Tensor] = {}
 
     def get(self, it: _Item) -> torch.Tensor:
-        if it.group is None or len(self._by_group.get(it.group, ())) < 2:
-            t = it.ref.reader.load([it.ref], "cpu")[0]
-        else:
-            cache = self._cache.get(it.group)
-            if cache is None:
-                members = self._by_group[it.group]
-                loaded = members[0].ref.reader.load([m.ref for m in members], "cpu")
-                cache = self._cache[it.group] = {m.name: t for m, t in zip(members, loaded)}
-            t = cache.pop(it.name)
-            if not cache:
-                del self._cache[it.group]
+        t = self._cache.pop(id(it), None)
+        if t is None:
+            batch = self._batch(self._pos[id(it)])
+            for b, x in zip(batch, batch[0].ref.reader.load([b.ref for b in batch], "cpu")):
+                self._cache[id(b)] = x
+            t = self._cache.pop(id(it))
         return _prepare(t, it.dtype)
+
+    def _batch(self, i: int) -> list[_Item]:
+        first = self._order[i]
+        reader = first.ref.reader
+        batch, seen, size = [], set(), 0
+        for it in self._order[i:]:
+            if it.ref.reader is not reader or (batch and (size + it.nbytes > BATCH_BYTES
+                                                          or len(batch) >= BATCH_ITEMS)):
+                break
+            for m in (self._groups.get(it.group, [it]) if it.group is not None else [it]):
+                if id(m) not in seen and id(m) not in self._cache:
+                    seen.add(id(m))
+                    batch.append(m)
+                    size += m.nbytes
+        return batch
+
+
+BATCH_BYTES = 64 << 20  # source bytes read per reader call
+BATCH_ITEMS = 1024
+RUN_BYTES = 16 << 20  # bytes handed from the reading thread to the writer at a time
+RUN_ITEMS = 512
 
 
 def _prepare(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -392,40 +411,64 @@ class _Call(threading.Thread):
             raise self.error
 
 
+def _runs(order: Sequence[_Item], nbytes: int = RUN_BYTES, items: int = RUN_ITEMS) -> list[list[_Item]]:
+    """Consecutive items grouped into runs of about ``nbytes`` (or ``items``) each."""
+    runs: list[list[_Item]] = [[]]
+    size = 0
+    for it in order:
+        if runs[-1] and (size >= nbytes or len(runs[-1]) >= items):
+            runs.append([])
+            size = 0
+        runs[-1].append(it)
+        size += it.nbytes
+    return [r for r in runs if r]
+
+
 def _write_safetensors(f: Any, items: Sequence[_Item], metadata: Mapping[str, str],
-                       feeder: _Feeder, tick: Callable[[int], None]) -> tuple[threading.Thread, int]:
-    """Stream ``items`` (stored ones; their aliases ride in the metadata) into ``f``."""
+                       tick: Callable[[int], None]) -> tuple[_Call, int]:
+    """Stream ``items`` (stored ones; their aliases ride in the metadata) into ``f``.
+
+    Three things overlap: a helper thread reads (and casts) the next run of tensors, the main
+    thread writes the current one while another helper checksums it (zlib, torch and file
+    writes all release the GIL), and the kernel writes earlier runs to disk (_Flusher)."""
     stored = [it for it in items if it.alias is None]
     aliases = [it.alias for it in items if it.alias is not None]
     lay = st.layout([st.Spec(it.name, it.dtype, tuple(it.ref.shape)) for it in stored],
                     metadata, aliases)
     by_name = {it.name: it for it in stored}
+    order = [by_name[spec.name] for spec in lay.order]
+    feeder = _Feeder(order)
+    runs = _runs(order)
     f.write(lay.header)
     f.flush()
     flusher = _Flusher(f)
     written = 0
-    with ThreadPoolExecutor(1, thread_name_prefix="torchkeep-crc") as pool:
-        for spec in lay.order:
-            it = by_name[spec.name]
-            t = feeder.get(it)
-            mv = st.tensor_bytes(t)
-            # zlib and the write both release the GIL: checksum and copy run side by side.
-            fut = pool.submit(zlib.crc32, mv) if len(mv) >= _BIG else None
-            f.write(mv)
-            it.crc = fut.result() if fut is not None else zlib.crc32(mv)
-            written += len(mv)
-            if len(mv) >= _BIG:
-                f.flush()
-                flusher.wrote(lay.data_start + written)
-            tick(len(mv))
-            del t, mv
+    with ThreadPoolExecutor(1, thread_name_prefix="torchkeep-read") as ahead, \
+            ThreadPoolExecutor(1, thread_name_prefix="torchkeep-crc") as summer:
+        def fetch(run: list[_Item]) -> list[torch.Tensor]:
+            return [feeder.get(it) for it in run]
+
+        next_run = ahead.submit(fetch, runs[0]) if runs else None
+        for i, run in enumerate(runs):
+            tensors = next_run.result()
+            next_run = ahead.submit(fetch, runs[i + 1]) if i + 1 < len(runs) else None
+            for it, t in zip(run, tensors):
+                mv = st.tensor_bytes(t)
+                fut = summer.submit(zlib.crc32, mv) if len(mv) >= _BIG else None
+                f.write(mv)
+                it.crc = fut.result() if fut is not None else zlib.crc32(mv)
+                written += len(mv)
+                tick(len(mv))
+            f.flush()
+            flusher.wrote(lay.data_start + written)
+            del tensors, mv
     if f.tell() != lay.total:
         raise CorruptCheckpointError(f"wrote {f.tell()} bytes but planned {lay.total}", path=f.name)
     return flusher.finish_async(), written
 
 
-def _write_torch(f: Any, items: Sequence[_Item], feeder: _Feeder,
-                 tick: Callable[[int], None]) -> tuple[threading.Thread, int]:
+def _write_torch(f: Any, items: Sequence[_Item], tick: Callable[[int], None]) -> tuple[_Call, int]:
+    feeder = _Feeder(items)
     stored: dict[str, torch.Tensor] = {}
     written = 0
     for it in items:
@@ -494,11 +537,12 @@ def _verify(reader: Reader, items: Sequence[_Item], where: str) -> None:
     with ThreadPoolExecutor(workers, thread_name_prefix="torchkeep-verify") as pool:
         for r, names in by_reader.values():
             # safetensors files are mapped, so loading all refs costs no copy; torch files are
-            # read storage by storage to keep memory bounded.
-            chunks = [names] if r.format == "safetensors" else [[n] for n in names]
+            # read in batches of about BATCH_BYTES to keep memory bounded.
+            chunks = [names] if r.format == "safetensors" else _batches(names, flat)
             for chunk in chunks:
                 tensors = r.load([flat[n] for n in chunk], "cpu")
-                for n, got in zip(chunk, pool.map(_crc, tensors)):
+                crcs = [pool.submit(_crc, t) if t.nbytes >= _BIG else _crc(t) for t in tensors]
+                for n, got in zip(chunk, (c if isinstance(c, int) else c.result() for c in crcs)):
                     it = want[n]
                     if got != (it.crc if it.alias is None else alias_crcs[n]):
                         raise CorruptCheckpointError(
@@ -506,6 +550,18 @@ def _verify(reader: Reader, items: Sequence[_Item], where: str) -> None:
                             f"source", path=where,
                             hint="disk or memory error? the destination was not replaced")
                 del tensors
+
+
+def _batches(names: Sequence[str], flat: Mapping[str, TensorRef]) -> list[list[str]]:
+    out: list[list[str]] = [[]]
+    size = 0
+    for n in names:
+        if out[-1] and (size + flat[n].nbytes > BATCH_BYTES or len(out[-1]) >= BATCH_ITEMS):
+            out.append([])
+            size = 0
+        out[-1].append(n)
+        size += flat[n].nbytes
+    return out
 
 
 # -- sharding ----------------------------------------------------------------------------
@@ -617,15 +673,14 @@ def _carried_metadata(src: Any) -> dict[str, str]:
 
 def _convert_file(items: list[_Item], dst: str, fmt: str, meta: dict[str, str],
                   tick: Callable[[int], None], res: ConvertResult) -> None:
-    feeder = _Feeder(items)
     with atomic_write(dst) as f:
         if fmt == "safetensors":
-            sync, res.nbytes = _write_safetensors(f, items, meta, feeder, tick)
+            sync, res.nbytes = _write_safetensors(f, items, meta, tick)
             reader: Reader = st.SafetensorsReader(f.name)
         else:
             from .formats.torchzip import TorchZipReader
 
-            sync, res.nbytes = _write_torch(f, items, feeder, tick)
+            sync, res.nbytes = _write_torch(f, items, tick)
             reader = TorchZipReader(f.name)
         try:
             _verify(reader, items, dst)
@@ -643,7 +698,6 @@ def _convert_sharded(items: list[_Item], dst: str, fmt: str, limit: int, meta: d
     n = len(shards)
     stem, ext = ("model", ".safetensors") if fmt == "safetensors" else ("pytorch_model", ".bin")
     names = [f"{stem}{ext}"] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}{ext}" for i in range(n)]
-    feeder = _Feeder(items)
     build = tmp_name(dst) if os.path.exists(dst) else dst
     with atomic_dir(build) as folder:
         open_files: list[tuple[Any, Any]] = []
@@ -652,9 +706,9 @@ def _convert_sharded(items: list[_Item], dst: str, fmt: str, limit: int, meta: d
                 f = open(os.path.join(folder, name), "wb")
                 open_files.append((f, None))
                 if fmt == "safetensors":
-                    sync, nb = _write_safetensors(f, shard, meta, feeder, tick)
+                    sync, nb = _write_safetensors(f, shard, meta, tick)
                 else:
-                    sync, nb = _write_torch(f, shard, feeder, tick)
+                    sync, nb = _write_torch(f, shard, tick)
                 open_files[-1] = (f, sync)
                 res.nbytes += nb
             _write_index(folder, n, shards, names, stem, ext, res.nbytes)
@@ -691,15 +745,3 @@ def _write_index(folder: str, n: int, shards: Sequence[Sequence[_Item]], names: 
         json.dump(doc, f, indent=2)
         f.write("\n")
 
-
-class _CallableModule(type(json)):
-    """``torchkeep.convert`` is both this module and the function: whichever an import left
-    bound on the package, calling it converts."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> ConvertResult:
-        return convert(*args, **kwargs)
-
-
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _CallableModule

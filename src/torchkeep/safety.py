@@ -600,7 +600,8 @@ def scan(path: str) -> ScanReport:
             files = cls(path).files()
         except FormatError:
             raise
-        reports = [scan(f) for f in files if os.path.isfile(f)]
+        # Files without a pickle inside (JSON manifests, safetensors shards) import nothing.
+        reports = [scan(f) for f in files if os.path.isfile(f) and _may_hold_pickle(f)]
         rep = ScanReport(path=path, format=fmt, safe=all(r.safe for r in reports))
         for r in reports:
             rep.globals += r.globals
@@ -645,6 +646,12 @@ def scan(path: str) -> ScanReport:
             rep.unknown.append(g)
     rep.safe = not rep.unsafe and not rep.unknown and not rep.errors
     return rep
+
+
+def _may_hold_pickle(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head[:4] == b"PK\x03\x04" or _is_pickle(head)
 
 
 def _non_pickle_format(path: str, head: bytes) -> str:

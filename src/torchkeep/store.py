@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -256,24 +257,42 @@ class LocalStorage(Storage):
 
     @contextlib.contextmanager
     def lock(self, path: str) -> Iterator[None]:
+        """A POSIX record lock on ``path`` (released when the process dies, and — unlike flock —
+        not inherited by forked children such as DataLoader workers, which may outlive a killed
+        trainer), plus a registry so that two writers in one process exclude each other too."""
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not on POSIX: no advisory locks
             yield
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        key = os.path.realpath(path)
+        with _HELD_GUARD:
+            if key in _HELD:
+                raise LockedError(path, f"{os.getpid()}, this process")
+            _HELD.add(key)
+        fd = -1
         try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
                 other = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
                 raise LockedError(path, other) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             yield
         finally:
-            os.close(fd)  # closing the descriptor releases the lock
+            if fd >= 0:
+                os.close(fd)  # closing the descriptor releases the lock
+            with _HELD_GUARD:
+                _HELD.discard(key)
+
+
+_HELD: set[str] = set()
+_HELD_GUARD = threading.Lock()
 
 
 class LockedError(OSError):

@@ -66,6 +66,10 @@ class TransferReport:
     source_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
     dry_run: bool = False
     applied: bool = False
+    # With transfer(..., optimizer=opt): every parameter's optimizer-state fate
+    # (torchkeep.migrate.OptimizerReport); with ema=: the EMA copy's own TransferReport.
+    optimizer: Any = field(default=None, repr=False)
+    ema: Any = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -133,6 +137,10 @@ class TransferReport:
             parts.append("source prefixes stripped: " + ", ".join(self.stripped))
         parts.append("")
         parts.append(self.table())
+        if self.optimizer is not None:
+            parts += ["", str(self.optimizer)]
+        if self.ema is not None:
+            parts += ["", "EMA: " + str(self.ema)]
         return "\n".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,6 +154,8 @@ class TransferReport:
             "why_missing": dict(self.why_missing), "unused": dict(self.unused),
             "target_shapes": {k: list(v) for k, v in self.target_shapes.items()},
             "source_shapes": {k: list(v) for k, v in self.source_shapes.items()},
+            **({"optimizer": self.optimizer.to_dict()} if self.optimizer is not None else {}),
+            **({"ema": self.ema.to_dict()} if self.ema is not None else {}),
         }
 
     def problems(self) -> list[str]:
@@ -174,6 +184,10 @@ class _Source:
     read: Callable[[list[str]], dict[str, torch.Tensor]]
     stripped: list[str] = field(default_factory=list)
     close: Callable[[], None] = lambda: None
+    # For optimizer=/ema=: the whole source object (tensors read), and each weight's storage
+    # identity (tied names share one), both only where the source has them.
+    tree: Callable[[], Any] | None = None
+    storage: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -287,7 +301,14 @@ def _from_mapping(state: Mapping[str, Any], label: str, roles: dict[str, str] | 
         roles = {mapping[k]: r for k, r in roles.items() if k in mapping}
     else:
         roles = order_roles(_role_order(list(specs)), {k: s.shape for k, s in specs.items()})
-    return _Source(label, specs, roles, lambda names: {n: clean[n] for n in names}, stripped)
+    storage = {}
+    for k, v in clean.items():
+        try:
+            storage[k] = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        except (RuntimeError, NotImplementedError):  # meta or exotic tensors: no identity
+            pass
+    return _Source(label, specs, roles, lambda names: {n: clean[n] for n in names}, stripped,
+                   storage=storage)
 
 
 def _role_order(names: list[str]) -> list[str]:
@@ -306,7 +327,9 @@ def _from_checkpoint(ckpt: Any, label: str, owned: bool) -> _Source:
     def read(names: list[str]) -> dict[str, torch.Tensor]:
         return ckpt.read({n: refs[n] for n in names}, "cpu")
 
-    return _Source(label, specs, roles, read, stripped, ckpt.close if owned else (lambda: None))
+    storage = {k: (r.storage, r.offset, tuple(r.shape)) for k, r in refs.items() if r.storage is not None}
+    return _Source(label, specs, roles, read, stripped, ckpt.close if owned else (lambda: None),
+                   tree=lambda: ckpt.tree, storage=storage)
 
 
 def _resolve_source(source: Any) -> _Source:
@@ -318,7 +341,9 @@ def _resolve_source(source: Any) -> _Source:
     if isinstance(source, nn.Module):
         return _from_mapping(source.state_dict(), type(source).__name__, module_roles(source))
     if isinstance(source, Mapping):
-        return _from_mapping(_state_in_mapping(source), "mapping")
+        src = _from_mapping(_state_in_mapping(source), "mapping")
+        src.tree = lambda: source
+        return src
     raise TransferError(f"cannot transfer from a {type(source).__name__}",
                         hint="pass a checkpoint path, a torchkeep Checkpoint, an nn.Module "
                              "or a mapping of names to tensors")
@@ -338,6 +363,20 @@ def _resolve_target(model: Any) -> _Target:
         return _Target("state dict", tensors, roles)
     raise TransferError(f"cannot transfer into a {type(model).__name__}",
                         hint="pass an nn.Module or a mutable mapping of names to tensors")
+
+
+def _read_refs_in(obj: Any) -> Any:
+    """``obj`` (a part of a checkpoint's tree) with its lazy tensor refs read onto the CPU."""
+    from . import tree as _tree
+    from .checkpoint import _load_refs
+    from .formats.base import TensorRef
+
+    found = {str(i): v for i, v in enumerate(v for _, v in _tree.walk(obj) if isinstance(v, TensorRef))}
+    if not found:
+        return obj
+    loaded = _load_refs(found, "cpu")
+    by_id = {id(v): loaded[k] for k, v in found.items()}
+    return _tree.map_leaves(obj, lambda v: by_id.get(id(v), v))
 
 
 # ----------------------------------------------------------------------------------- plan
@@ -537,9 +576,67 @@ def _plan(src: _Source, tgt: _Target, rules: RulesLike, match: str, enabled: fro
 
 
 # ---------------------------------------------------------------------------------- apply
+def _materialize(plan: _Plan, src: _Source, tgt: _Target) -> dict[str, torch.Tensor]:
+    """The value each planned target tensor gets, without touching the target: the source tensor
+    itself for a plain copy, a new tensor for an adapted one."""
+    needed = list(dict.fromkeys(s for s, _ in plan.actions.values()))
+    tensors = src.read(needed)
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for t, (s, ad) in plan.actions.items():
+            value = tensors[s]
+            if ad is not _COPY and (ad.how or tuple(value.shape) != tuple(tgt.tensors[t].shape)):
+                dst = tgt.tensors[t].detach().clone()
+                ad.write(value.to(dst.device), dst)
+                value = dst
+            out[t] = value
+    return out
+
+
+def _target_param_names(model: Any, tgt: _Target) -> dict[int, str]:
+    if isinstance(model, nn.Module):
+        names: dict[int, str] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), n)
+        return names
+    return {id(v): k for k, v in reversed(list(tgt.tensors.items()))}
+
+
+def _plan_optimizer(optimizer: Any, model: Any, src: _Source, tgt: _Target, plan: _Plan,
+                    reshaped: str, copy: bool) -> Any:
+    from . import migrate
+    if src.tree is None:
+        raise TransferError(f"the source ({src.label}) holds no optimizer state",
+                            hint="pass a checkpoint that was saved with the optimizer's state")
+    where, saved = migrate.find_optimizer_state(src.tree())
+    saved = _read_refs_in(saved)
+    weights = [(n, sp.shape, sp.dtype, src.storage.get(n)) for n, sp in src.specs.items()]
+    names, how = migrate.saved_param_names(
+        saved, weights=weights, clean=lambda n: migrate._strip_like(n, src.stripped))
+    if where:
+        how += f"; state from '{where}'"
+    return migrate.plan_optimizer(optimizer, saved, names, plan.actions, _target_param_names(model, tgt),
+                                  source_shapes={n: sp.shape for n, sp in src.specs.items()},
+                                  why_missing=plan.report.why_missing, unused=plan.report.unused,
+                                  reshaped=reshaped, copy=copy, names_from=how)
+
+
+def _plan_ema(ema: Any, src: _Source, plan: _Plan) -> Any:
+    from . import migrate
+    found = migrate.find_ema_state(src.tree()) if src.tree is not None else None
+    if found is None:
+        raise TransferError(f"the source ({src.label}) holds no EMA weights (looked under "
+                            f"{', '.join(migrate.EMA_KEYS[:4])}, ...)",
+                            hint="leave out ema=, or pass a checkpoint saved with them")
+    key, tensors = found
+    tensors = _read_refs_in(tensors)
+    return migrate.plan_ema(ema, tensors, plan.actions, plan.report.reasons, f"{src.label} '{key}'")
+
+
 def transfer(model: nn.Module | MutableMapping[str, torch.Tensor], source: Any, *,
              rules: RulesLike = None, match: str = "auto", adapt: bool | Iterable[str] = True,
-             strict: bool = False, dry_run: bool = False) -> TransferReport:
+             strict: bool = False, dry_run: bool = False, optimizer: Any = None,
+             ema: Any = None, reshaped: str = "adapt") -> TransferReport:
     """Copy the tensors of ``source`` that fit into ``model``, and report every tensor's fate.
 
     ``source``: a checkpoint path, a :class:`~torchkeep.Checkpoint`, an ``nn.Module`` or a
@@ -553,6 +650,13 @@ def transfer(model: nn.Module | MutableMapping[str, torch.Tensor], source: Any, 
     :data:`torchkeep.adapt.ADAPTERS`. ``strict``: raise :class:`TransferError` listing every
     missing and unused tensor before anything is read or changed. ``dry_run``: plan and report,
     change nothing.
+
+    ``optimizer``: an optimizer over ``model``'s parameters that receives the optimizer state
+    saved with the source, by parameter name through the same plan (see :mod:`torchkeep.migrate`;
+    ``reshaped='adapt'`` adapts the state of a reshaped parameter like its weight, ``'reset'``
+    starts it over); ``report.optimizer`` lists every parameter's fate. ``ema``: an EMA copy of
+    ``model`` (module or mapping) that receives the EMA weights saved with the source (under
+    ``ema``, ``model_ema``, ``state_dict_ema``, ...) through the same plan; ``report.ema`` says how.
     """
     enabled = _adapt.enabled_adapters(adapt)
     tgt = _resolve_target(model)
@@ -570,7 +674,16 @@ def transfer(model: nn.Module | MutableMapping[str, torch.Tensor], source: Any, 
                 hint="pass strict=False to load what fits, or add rename rules")
             err.report = report  # type: ignore[attr-defined]
             raise err
-        if dry_run or not plan.actions:
+        # The optimizer state and the EMA copy are planned (and read) before anything changes.
+        opt_plan = ema_plan = None
+        if optimizer is not None:
+            # State read from a file is ours; state from a live mapping is cloned, not shared.
+            owned = isinstance(source, (str, os.PathLike)) or hasattr(source, "state_refs")
+            opt_plan = _plan_optimizer(optimizer, model, src, tgt, plan, reshaped, copy=not owned)
+            report.optimizer = opt_plan.report
+        if ema is not None:
+            report.ema, ema_plan = _plan_ema(ema, src, plan)
+        if dry_run:
             return report
         meta = [t for t in plan.actions if tgt.tensors[t].device.type == "meta"]
         if meta:
@@ -578,12 +691,20 @@ def transfer(model: nn.Module | MutableMapping[str, torch.Tensor], source: Any, 
                                 "nothing was changed",
                                 hint="materialize the model first (model.to_empty(device=...)) "
                                      "or pass dry_run=True")
-        needed = list(dict.fromkeys(s for s, _ in plan.actions.values()))
-        tensors = src.read(needed)
-        with torch.no_grad():
-            for t, (s, ad) in plan.actions.items():
-                ad.write(tensors[s], tgt.tensors[t])
-        report.applied = True
+        if plan.actions:
+            needed = list(dict.fromkeys(s for s, _ in plan.actions.values()))
+            tensors = src.read(needed)
+            with torch.no_grad():
+                for t, (s, ad) in plan.actions.items():
+                    ad.write(tensors[s], tgt.tensors[t])
+            report.applied = True
+        if opt_plan is not None or ema_plan is not None:
+            from . import migrate
+            if opt_plan is not None:
+                migrate.apply_optimizer(optimizer, opt_plan)
+            if ema_plan is not None:
+                migrate.apply_ema(ema_plan)
+                report.ema.applied = True
         log.debug("%s", report.headline())
         return report
     finally:

@@ -26,7 +26,7 @@ OWNED = ("reference", "ckpt", "finetune", "lenet5.safetensors", MARKER)
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train, crash, resume exactly, export, transfer, fine-tune "
-                                    "(real data, ~20 s on a CPU)",
+                                    "(real data, under a minute on 2 CPU cores)",
                        description="Run torchkeep's story end to end on the UCI 8x8 handwritten "
                                    "digits shipped with the package: train LeNet5 with checkpoints, "
                                    "SIGKILL a training process and resume it bit-identically, export "

@@ -43,6 +43,19 @@ def _load_index(path: str) -> dict[str, Any] | None:
     return None
 
 
+def _looks_like_index(path: str) -> bool:
+    """Cheap test for detection: HF writers put "weight_map" right after a short metadata
+    block, so the first 64 KiB tell; larger, odd files are parsed in full."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    if b'"weight_map"' in head:
+        return head.lstrip()[:1] == b"{"
+    return len(head) == 1 << 16 and _load_index(path) is not None
+
+
 def find_index(folder: str) -> str | None:
     """The index file of ``folder`` (preferring safetensors shards), or None."""
     try:
@@ -53,7 +66,7 @@ def find_index(folder: str) -> str | None:
     cands.sort(key=lambda n: (INDEX_NAMES.index(n) if n in INDEX_NAMES else len(INDEX_NAMES),
                               "safetensors" not in n, n))
     for n in cands:
-        if _load_index(os.path.join(folder, n)) is not None:
+        if _looks_like_index(os.path.join(folder, n)):
             return os.path.join(folder, n)
     return None
 
@@ -91,8 +104,7 @@ class ShardedReader(Reader):
     def sniff(cls, path: str, head: bytes) -> bool:
         if os.path.isdir(path):
             return find_index(path) is not None or bool(find_weights(path))
-        return path.endswith(".json") and head[:1] in (b"{", b" ", b"\n", b"\t", b"\r") and \
-            _load_index(path) is not None
+        return path.endswith(".json") and head.lstrip()[:1] == b"{" and _looks_like_index(path)
 
     # -- shards ------------------------------------------------------------------------
     def _open(self, file: str) -> Reader:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import mmap
+import operator
 import os
 import struct
 import sys
@@ -60,7 +61,7 @@ def dtype_label(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TensorInfo:
     """One validated header entry: the torch view of it and its absolute byte span."""
 
@@ -83,10 +84,6 @@ class Header:
     file_size: int
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _torch_shape(name: str, dtype_name: str, shape: list[int], path: str) -> tuple[int, ...]:
     """The torch shape for a header shape: F4 counts 4-bit values, torch counts their pairs."""
     if dtype_name != "F4":
@@ -100,47 +97,54 @@ def _torch_shape(name: str, dtype_name: str, shape: list[int], path: str) -> tup
 
 def _entry(name: str, spec: Any, data_start: int, paired: Mapping[str, torch.dtype], path: str
            ) -> TensorInfo:
-    if not isinstance(spec, dict):
+    """One header entry, validated (the common case on a fast path: files hold thousands)."""
+    if type(spec) is not dict:
         raise CorruptCheckpointError(f"tensor {name!r}: header entry is {type(spec).__name__}, "
                                      f"expected an object with dtype, shape and data_offsets", path=path)
-    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in spec]
-    if missing:
+    dname, shape, offs = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+    if dname is None or shape is None or offs is None:
+        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in spec]
         raise CorruptCheckpointError(f"tensor {name!r}: header entry lacks {', '.join(missing)}",
                                      path=path)
-    dname, shape, offs = spec["dtype"], spec["shape"], spec["data_offsets"]
-    if not isinstance(dname, str) or (dname not in DTYPES):
+    dtype = DTYPES.get(dname) if type(dname) is str else None
+    if dtype is None:
         why = "has no torch equivalent" if dname in _NO_TORCH else "is not a safetensors dtype"
         raise FormatError(f"tensor {name!r} has dtype {dname!r}, which {why}", path=path,
                           hint="known: " + ", ".join(DTYPES))
-    if not isinstance(shape, list) or not all(_is_int(s) for s in shape):
+    if type(shape) is not list:
         raise CorruptCheckpointError(f"tensor {name!r}: shape {shape!r} is not a list of integers",
-                                     path=path)
-    if any(s < 0 for s in shape):
-        raise CorruptCheckpointError(f"tensor {name!r}: shape {shape} has a negative dimension",
                                      path=path)
     numel = 1
     for s in shape:
+        if type(s) is not int:
+            raise CorruptCheckpointError(f"tensor {name!r}: shape {shape!r} is not a list of integers",
+                                         path=path)
+        if s < 0:
+            raise CorruptCheckpointError(f"tensor {name!r}: shape {shape} has a negative dimension",
+                                         path=path)
         numel *= s
         if numel > MAX_ELEMENTS:
             raise CorruptCheckpointError(
                 f"tensor {name!r}: shape {shape} has more elements than any file can hold "
                 f"(the element count overflows)", path=path)
-    if (not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs)):
+    if type(offs) is not list or len(offs) != 2 or type(offs[0]) is not int or type(offs[1]) is not int:
         raise CorruptCheckpointError(f"tensor {name!r}: data_offsets {offs!r} is not a pair of integers",
                                      path=path)
     begin, end = offs
     if begin < 0 or end < begin:
         raise CorruptCheckpointError(f"tensor {name!r}: data_offsets [{begin}, {end}] are misordered "
                                      f"(begin must be >= 0 and <= end)", path=path)
-    dtype = DTYPES[dname]
-    tshape = _torch_shape(name, dname, shape, path)
-    itemsize = dtype.itemsize
-    want = numel * itemsize if dname != "F4" else numel // 2
+    if dname == "F4":
+        tshape = _torch_shape(name, dname, shape, path)
+        want = numel // 2
+    else:
+        tshape = tuple(shape)
+        want = numel * dtype.itemsize
     if end - begin != want:
         raise CorruptCheckpointError(
             f"tensor {name!r}: shape {shape} of {dname} needs {want} bytes but data_offsets "
             f"[{begin}, {end}] span {end - begin}", path=path)
-    if name in paired:
+    if paired and name in paired:
         real = paired[name]
         pdt, _ = _PAIRED[real]
         if dname != pdt or not tshape or tshape[-1] != 2:
@@ -193,7 +197,7 @@ def parse_header(path: str, f: Any = None) -> Header:
     data_start = 8 + n
     paired = _paired_from(meta, path)
     tensors = {name: _entry(name, spec, data_start, paired, path) for name, spec in doc.items()}
-    spans = sorted(tensors.values(), key=lambda t: (t.begin, t.end))
+    spans = sorted(tensors.values(), key=_span_key)
     prev: TensorInfo | None = None
     for t in spans:
         if prev is not None and t.begin < prev.end and t.nbytes and prev.nbytes:
@@ -212,12 +216,17 @@ def parse_header(path: str, f: Any = None) -> Header:
     return Header(tensors, meta, data_start, size)
 
 
+_span_key = operator.attrgetter("begin", "end")
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"key {k!r} appears twice")
-        out[k] = v
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise ValueError(f"key {k!r} appears twice")
+            seen.add(k)
     return out
 
 
