@@ -37,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "DiffReport": "diffing",
     "write_report": "htmlreport",
     "convert": "convert",
+    "consolidate": "distributed",
     "ConvertResult": "convert",
     # transfer and model shaping
     "transfer": "transfer",

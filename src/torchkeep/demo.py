@@ -1,12 +1,15 @@
 """The story of ``torchkeep demo``, as functions that return results (the CLI renders them).
 
-Train LeNet5 on the 8×8 handwritten digits with a ``CheckpointManager``; train the same run in a
-child process, SIGKILL it mid-run and resume it in a fresh process; check that the resumed run
-ends bit-identical to an uninterrupted one; export the weights for inference and evaluate them;
-carry them into LeNet6 with ``transfer``; freeze what was carried and fine-tune the new layers.
+Train LeNet5 on the 8×8 handwritten digits with a ``CheckpointManager`` and ``TrainState``; train
+the same run in a child process, SIGKILL it while a checkpoint is being written and resume it in
+a fresh process; check that the resumed run ends bit-identical to an uninterrupted one (trained
+meanwhile in this process); export the weights for inference and evaluate them; carry them into
+LeNet6 with ``transfer``; freeze what was carried and fine-tune the new layers.
 
 ``python -m torchkeep.demo train --dir D ...`` is the child process: it trains (resuming from
-``D`` if it holds a checkpoint) and reports its progress as JSON lines on stdout.
+``D`` if it holds a checkpoint) and reports its progress as JSON lines on stdout. With
+``--wait`` it first does its imports, reports ``ready`` and waits for ``go`` on stdin before it
+looks at ``D``, so that its start-up can overlap the run it replaces.
 """
 from __future__ import annotations
 
@@ -124,6 +127,8 @@ class ExportResult:
 
 @dataclass
 class FinetuneResult:
+    """The frozen and trained parameters of the fine-tuned model and its accuracy around it."""
+
     frozen: list[str]
     trained: list[str]
     n_trainable: int
@@ -146,7 +151,10 @@ def digits(config: DemoConfig) -> Split:
     if config.image_size == 8:
         return s
     size = (config.image_size, config.image_size)
-    up = lambda x: F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # noqa: E731
+
+    def up(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
     return Split(up(s.train_images), s.train_labels, up(s.test_images), s.test_labels)
 
 
@@ -260,12 +268,13 @@ def crash_and_resume(directory: str, config: DemoConfig, on_event: OnEvent | Non
     carry a ``phase``: 'reference', 'crash' or 'resume'; they come from two threads."""
     emit = on_event or (lambda e: None)
     if reference is None:
-        return _crash_and_resume(directory, config, emit)
+        return _crash_and_resume(directory, config, emit, [])
     box: dict[str, Any] = {}
+    live: list[_Child] = []
 
     def children() -> None:
         try:
-            box["result"] = _crash_and_resume(directory, config, emit)
+            box["result"] = _crash_and_resume(directory, config, emit, live)
         except BaseException as e:  # raised below, in the caller's thread
             box["error"] = e
 
@@ -274,6 +283,10 @@ def crash_and_resume(directory: str, config: DemoConfig, on_event: OnEvent | Non
     try:
         ref = train(reference, config, on_event=lambda e: emit({**e, "phase": "reference"}),
                     data=data)
+    except BaseException:
+        for child in live:          # e.g. Ctrl-C: do not wait for the children to finish
+            child.proc.kill()
+        raise
     finally:
         worker.join()
     if "error" in box:
@@ -283,7 +296,8 @@ def crash_and_resume(directory: str, config: DemoConfig, on_event: OnEvent | Non
     return result
 
 
-def _crash_and_resume(directory: str, config: DemoConfig, emit: OnEvent) -> CrashResult:
+def _crash_and_resume(directory: str, config: DemoConfig, emit: OnEvent,
+                      live: list[_Child]) -> CrashResult:
     from .manager import CheckpointManager
 
     t0 = time.perf_counter()
@@ -291,7 +305,9 @@ def _crash_and_resume(directory: str, config: DemoConfig, emit: OnEvent) -> Cras
     # C starts now so that its imports overlap B's training; it waits, without looking at the
     # folder, until B is dead and reaped.
     with _Child(directory, config, wait=True) as second:
+        live.append(second)
         with _Child(directory, config) as first:
+            live.append(first)
             for event in first.events():
                 emit({**event, "phase": "crash"})
                 if event["event"] == "step":
@@ -307,13 +323,11 @@ def _crash_and_resume(directory: str, config: DemoConfig, emit: OnEvent) -> Cras
         infos = CheckpointManager(directory).list(include_uncommitted=True)
         last: dict[str, Event] = {}
         events = second.events()
-        for event in events:                      # wait for C's start-up to finish
-            if event["event"] == "ready":
-                break
-        second.go()
-        for event in events:
-            emit({**event, "phase": "resume"})
-            last[event["event"]] = event
+        if any(event["event"] == "ready" for event in events):   # C's start-up is done
+            second.go()
+            for event in events:
+                emit({**event, "phase": "resume"})
+                last[event["event"]] = event
     if second.returncode != 0:
         raise RuntimeError(f"demo child {second.pid} failed with exit code {second.returncode}:"
                            f"\n{second.stderr}")

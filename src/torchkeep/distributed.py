@@ -306,6 +306,24 @@ def sharded_metadata_name() -> str:
 
 # -- saving and restoring through a CheckpointManager --------------------------------------------
 
+_GROUP: list[Any] = [None, None]   # [the default group it was made for, the checkpoint group]
+_GROUP_LOCK = threading.Lock()
+
+
+def checkpoint_group() -> Any:
+    """The gloo group of checkpoint collectives (None with fewer than 2 ranks): made once per
+    default process group, on the first call, which must happen on every rank (it is collective)."""
+    if not is_distributed() or world_size() == 1:
+        return None
+    from torch.distributed.distributed_c10d import _get_default_group
+
+    default = _get_default_group()
+    with _GROUP_LOCK:
+        if _GROUP[0] is not default:
+            _GROUP[:] = [default, _dist().new_group(backend="gloo")]
+        return _GROUP[1]
+
+
 def handles(manager: "CheckpointManager", state: Any, *, restoring: bool = False) -> bool:
     """True when ``manager`` must save/restore ``state`` through :class:`ShardedCheckpointing`:
     inside a process group, for a state with DTensors, and (restoring) when the folder holds a
@@ -331,8 +349,6 @@ class ShardedCheckpointing:
 
     def __init__(self, manager: "CheckpointManager") -> None:
         self.manager = manager
-        self._group: Any = None
-        self._group_made = False
 
     @classmethod
     def of(cls, manager: "CheckpointManager") -> "ShardedCheckpointing":
@@ -344,11 +360,7 @@ class ShardedCheckpointing:
 
     @property
     def group(self) -> Any:
-        if not self._group_made:
-            self._group_made = True
-            if is_distributed() and world_size() > 1:
-                self._group = _dist().new_group(backend="gloo")
-        return self._group
+        return checkpoint_group()
 
     def _agree(self, err: BaseException | None, what: str) -> None:
         """Raise on every rank if ``what`` failed on any (so that no rank goes on alone)."""
@@ -383,29 +395,44 @@ class ShardedCheckpointing:
         group = self.group
         folder = m.storage.join(m.root, native.step_dirname(step))
 
-        err = None
+        # Rank 0 readies the folder while every rank captures its state; one collective then
+        # tells every rank whether all went well (before anyone writes) and brings the ranks'
+        # RNG states to rank 0.
+        err: BaseException | None = None
         if me == 0:
             try:
                 self._prepare(step, folder)
-            except BaseException as e:  # raised on every rank by _agree
+            except BaseException as e:  # raised on every rank below
                 err = e
-        self._agree(err, "prepare the checkpoint folder")
-
-        if isinstance(state, TrainState):
-            tree, allow = capture(state), state.allow_pickle
-        else:
-            tree, allow = dict(state), False
-        rngs = gather_object(tree.get("rng"), 0, group)
-        if me == 0:
-            tree[sharded.SECTION] = {"world_size": W, "rng": rngs}
+        enc = mjson = None
         plain = _plain_metrics(metrics)
-        try:
-            enc = serial.encode(tree, allow_pickle=allow)
-            mjson = serial.encode(plain).tree
-            err = None
-        except StateError as e:
-            err = e
-        self._agree(err, "encode the training state")
+        tree: dict[str, Any] = {}
+        if err is None:
+            try:
+                if isinstance(state, TrainState):
+                    tree, allow = capture(state), state.allow_pickle
+                else:
+                    tree, allow = dict(state), False
+                    if sharded.SECTION in tree:
+                        raise StateError(f"the key {sharded.SECTION!r} is reserved in a process group",
+                                         entry=sharded.SECTION)
+                enc = serial.encode(tree, allow_pickle=allow)
+                mjson = serial.encode(plain).tree
+            except StateError as e:
+                err = e
+        got = all_gather_object((None if err is None else f"{type(err).__name__}: {err}",
+                                 tree.get("rng")), group)
+        if err is not None:
+            raise err
+        for r, (msg, _) in enumerate(got):
+            if msg:
+                raise StateError(f"rank {r} failed to start the save of step {step}: {msg}")
+        assert enc is not None
+        if me == 0:  # every rank's RNG: a rank's dropout stream is its own
+            sec = serial.encode({"world_size": W, "rng": [rng for _, rng in got]},
+                                path=sharded.SECTION)
+            enc.tree[sharded.SECTION] = sec.tree
+            enc.tensors.update(sec.tensors)
 
         shards = {k: t for k, t in enc.tensors.items() if is_dtensor(t)}
         extra = {k: {"dtype": serial.dtype_name(t.dtype), "shape": list(t.shape), sharded.KEY: k,
@@ -547,13 +574,17 @@ class ShardedCheckpointing:
         m.wait()
         group = self.group
         cands, err = None, None
-        if rank() == 0:
+        if rank() == 0:  # one listing, so that every rank considers the same checkpoints
             try:
                 cands = m._candidates(which)
             except BaseException as e:
                 err = e
-        self._agree(err, "list the checkpoints")
-        cands = broadcast_object(cands, 0, group)
+        msg, cands = broadcast_object((None if err is None else f"{type(err).__name__}: {err}", cands),
+                                      0, group)
+        if err is not None:
+            raise err
+        if msg:
+            raise StateError(f"rank 0 failed to list the checkpoints: {msg}")
         if not cands:
             if isinstance(which, int) and not isinstance(which, bool):
                 raise StateError(f"no committed checkpoint at step {which}")

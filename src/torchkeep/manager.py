@@ -21,8 +21,9 @@ import signal
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 
@@ -36,6 +37,7 @@ from .store import BlobStore, LockedError, is_tmp, storage_for
 log = logging.getLogger(__name__)
 
 Which = Literal["latest", "best"] | int
+SNAPSHOT_THREADS = 4  # parallel copies into the staging buffers (memcpy releases the GIL)
 
 
 @dataclass
@@ -108,6 +110,8 @@ class CheckpointManager:
         self._entries: dict[int, _Entry] | None = None   # the writer's view, from the first save on
         self._lock_cm: Any = None
         self._staging: dict[str, torch.Tensor] = {}
+        # key -> (live tensor, version counter, blob digest, crc32) of the last written save
+        self._prev: dict[str, tuple[torch.Tensor, int, str, int]] = {}
         self._last_save = time.monotonic()
         self._handlers: dict[int, Any] = {}
         self._closed = False
@@ -236,59 +240,83 @@ class CheckpointManager:
             mjson = serial.encode(plain).tree
         except StateError as e:
             raise StateError(f"metrics must be numbers or strings: {e.detail}", entry=e.entry) from None
+        sigs = _signatures(enc.tensors)
+        with self._mutex:
+            hints = {k: prev[2:] for k, prev in self._prev.items()
+                     if k in sigs and _unchanged(prev, sigs[k])}
         snap = self._snapshot(enc)
         self._last_save = time.monotonic()
+        job = (step, snap, mjson, plain, hints, sigs)
         if self.async_save:
-            t = threading.Thread(target=self._run_write, args=(step, snap, mjson, plain),
-                                 name=f"torchkeep-save-{step}", daemon=False)
+            t = threading.Thread(target=self._run_write, args=job, name=f"torchkeep-save-{step}",
+                                 daemon=False)
             with self._mutex:
                 self._thread = t
             t.start()
         else:
-            self._write(step, snap, mjson, plain)
+            self._write(*job)
 
     def _snapshot(self, enc: serial.Encoded) -> Snapshot:
         """CPU tensors that stay unchanged until written: copies into reused staging buffers for
-        an asynchronous save (pinned for accelerator tensors); the live CPU tensors otherwise."""
+        an asynchronous save (pinned for CUDA tensors); the live CPU tensors otherwise.
+
+        Copies run on a few threads: one thread's memcpy leaves most memory bandwidth unused.
+        """
         tensors: dict[str, torch.Tensor] = {}
         devices: dict[str, str] = {}
         sync_devices: set[torch.device] = set()
-        keep = set()
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         for key, t in enc.tensors.items():
             on_cpu = t.device.type == "cpu"
             if not on_cpu:
                 devices[key] = str(t.device)
+                sync_devices.add(t.device)
             if on_cpu and not self.async_save and t.is_contiguous() and not t.is_conj() and not t.is_neg():
                 tensors[key] = t
                 continue
             buf = self._staging.get(key)
             if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                pin = not on_cpu and t.device.type == "cuda"
+                pin = t.device.type == "cuda"
                 buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
                 self._staging[key] = buf
-            keep.add(key)
-            with torch.no_grad():
-                buf.copy_(t, non_blocking=not on_cpu)
-            if not on_cpu:
-                sync_devices.add(t.device)
+            copies.append((buf, t))
             tensors[key] = buf
+        for key in [k for k in self._staging if k not in tensors or tensors[k] is not self._staging[k]]:
+            del self._staging[key]
+
+        def copy(pair: tuple[torch.Tensor, torch.Tensor]) -> None:
+            buf, t = pair
+            with torch.no_grad():
+                buf.copy_(t, non_blocking=t.device.type != "cpu")
+
+        big = [c for c in copies if c[1].nbytes >= 1 << 20 and c[1].device.type == "cpu"]
+        rest = [c for c in copies if not (c[1].nbytes >= 1 << 20 and c[1].device.type == "cpu")]
+        for c in rest:
+            copy(c)
+        if len(big) > 1:
+            big.sort(key=lambda c: -c[1].nbytes)
+            with ThreadPoolExecutor(SNAPSHOT_THREADS, thread_name_prefix="torchkeep-snapshot") as pool:
+                list(pool.map(copy, big))
+        else:
+            for c in big:
+                copy(c)
         for d in sync_devices:
             if d.type == "cuda":
                 torch.cuda.synchronize(d)
-        for key in list(self._staging):
-            if key not in keep:
-                del self._staging[key]
         return Snapshot(enc.tree, tensors, devices)
 
-    def _run_write(self, step: int, snap: Snapshot, mjson: Any, plain: dict[str, Any]) -> None:
+    def _run_write(self, *job: Any) -> None:
+        step = job[0]
         try:
-            self._write(step, snap, mjson, plain)
+            self._write(*job)
         except BaseException as e:  # kept and raised by the next save()/wait()
             log.debug("background save of step %d failed", step, exc_info=True)
             with self._mutex:
                 self._error = e
 
-    def _write(self, step: int, snap: Snapshot, mjson: Any, plain: dict[str, Any]) -> None:
+    def _write(self, step: int, snap: Snapshot, mjson: Any, plain: dict[str, Any],
+               hints: dict[str, tuple[str, int]] | None = None,
+               sigs: dict[str, tuple[torch.Tensor, int]] | None = None) -> None:
         from . import __version__
 
         st = self.storage
@@ -307,13 +335,17 @@ class CheckpointManager:
         created = time.time()
         meta = {"step": step, "created": created, "metrics": mjson, "torch": torch.__version__,
                 "torchkeep": __version__}
-        res = self.writer.write(folder, snap, known=known, meta=meta)
+        with self._mutex:
+            self._prev = {}  # until this write succeeds, nothing is known to be unchanged
+        res = self.writer.write(folder, snap, known=known, meta=meta, hints=hints)
         record = {"step": step, "created": created, "metrics": mjson,
                   "manifest_sha256": res.manifest_sha256, "nbytes": res.nbytes, "written": res.written}
         native.commit(st, folder, record)
         info = CheckpointInfo(step, folder, created, plain, res.nbytes, res.written)
         with self._mutex:
             entries[step] = _Entry(info, res.blobs)
+            self._prev = {k: (*sigs[k], e["blob"], e["crc32"]) for k, e in res.entries.items()
+                          if e.get("blob") and sigs and k in sigs}
         log.debug("saved step %d: %d bytes, %d written", step, res.nbytes, res.written)
         self._rotate()
 
@@ -493,6 +525,7 @@ class CheckpointManager:
         finally:
             self._closed = True
             self._staging.clear()
+            self._prev.clear()
             if self._lock_cm is not None:
                 self._lock_cm.__exit__(None, None, None)
                 self._lock_cm = None
@@ -536,6 +569,28 @@ class CheckpointManager:
     def __repr__(self) -> str:
         return (f"CheckpointManager({self.directory!r}, keep_last={self.keep_last}, "
                 f"keep_best={self.keep_best}, async_save={self.async_save})")
+
+
+def _signatures(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, int]]:
+    """(tensor, version counter) of each tensor: what tells, at the next save, that a tensor is
+    the same storage and torch saw no in-place change since (inference tensors have no counter)."""
+    out = {}
+    for k, t in tensors.items():
+        try:
+            out[k] = (t, t._version)
+        except RuntimeError:
+            continue
+    return out
+
+
+def _unchanged(prev: tuple[torch.Tensor, int, str, int], now: tuple[torch.Tensor, int]) -> bool:
+    """Same storage (the old tensor is held, so its address cannot be reused), same view, same
+    version counter. Only a hint: the writer still compares crc32 of the bytes."""
+    a, va = prev[0], prev[1]
+    b, vb = now
+    return (va == vb and a.device == b.device and a.dtype == b.dtype and a.shape == b.shape
+            and a.stride() == b.stride() and a.storage_offset() == b.storage_offset()
+            and a.data_ptr() == b.data_ptr())
 
 
 def _manifest_refs(storage: Any, folder: str) -> dict[str, int] | None:

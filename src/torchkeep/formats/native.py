@@ -176,6 +176,7 @@ class WriteResult:
     blobs: dict[str, int]      # digest -> crc32 of every blob the manifest refers to
     nbytes: int                # bytes of all tensors in the checkpoint
     written: int               # bytes actually written (new blobs, the pack, the manifest)
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> manifest entry
 
 
 class NativeWriter:
@@ -185,6 +186,12 @@ class NativeWriter:
     checkpoint holds the same bytes (``known``: digest -> crc32). Hashing, crc32 and writes run
     on a few threads so that hashing one tensor overlaps writing another. Every file is durable
     (fsynced, renamed, folders synced) when ``write`` returns; the commit is left to :func:`commit`.
+
+    ``hints`` (key -> (digest, crc32)) name tensors the caller believes unchanged since a kept
+    checkpoint (same storage, same version counter). For those, crc32 (about 2.5x faster than
+    sha256) decides: equal -> the kept blob is reused without hashing; else the tensor is
+    hashed like any other. A wrong belief costs nothing; only a tensor changed behind torch's
+    version counter *and* colliding in crc32 (2**-32) would be missed.
     """
 
     def __init__(self, storage: Storage, blobs: BlobStore, *, threads: int = IO_THREADS,
@@ -196,7 +203,8 @@ class NativeWriter:
 
     def write(self, folder: str, snap: Snapshot, *, known: Mapping[str, int],
               meta: Mapping[str, Any],
-              extra_tensors: Mapping[str, Mapping[str, Any]] | None = None) -> WriteResult:
+              extra_tensors: Mapping[str, Mapping[str, Any]] | None = None,
+              hints: Mapping[str, tuple[str, int]] | None = None) -> WriteResult:
         # ``extra_tensors``: manifest entries of tensors whose bytes other writers put in the
         # folder (torchkeep.distributed: each rank's shards, see formats/sharded.py).
         st = self.storage
@@ -219,16 +227,25 @@ class NativeWriter:
         def put(item: tuple[str, torch.Tensor]) -> tuple[str, dict[str, Any], str, int]:
             key, t = item
             mv = tensor_bytes(t)
+            crc = None
+            hint = hints.get(key) if hints else None
+            if hint is not None:
+                crc = crc32(mv)
+                h_digest, h_crc = hint
+                if crc == h_crc and known.get(h_digest) == crc and self.blobs.has(h_digest):
+                    e = info(key, t, crc)
+                    e["blob"] = h_digest
+                    return key, e, h_digest, crc
             header = st_header([("data", t.dtype, t.shape, len(mv))])
             digest = sha256_parts((header, mv))
             with lock:
                 if digest in known and self.blobs.has(digest):
                     crc, new = known[digest], False
                 elif digest in claimed:
-                    crc, new = None, False
+                    new = False
                 else:
                     claimed.add(digest)
-                    crc, new = None, True
+                    new = True
             if crc is None:
                 crc = crc32(mv)
             if new:
@@ -268,7 +285,8 @@ class NativeWriter:
         if large:
             self.blobs.sync()
         st.sync_dir(folder)
-        return WriteResult(folder, hashlib.sha256(data).hexdigest(), refs, snap.nbytes, written[0])
+        return WriteResult(folder, hashlib.sha256(data).hexdigest(), refs, snap.nbytes, written[0],
+                           entries)
 
     def _write_pack(self, folder: str, small: list[tuple[str, torch.Tensor]]) -> tuple[dict[str, int], int]:
         views = [(k, t, tensor_bytes(t)) for k, t in small]
