@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import torchkeep
-from torchkeep.safety import classify, scan_pickle
+from torchkeep.safety import classify
+from torchkeep.scanning import scan_pickle
 
 
 class Payload:

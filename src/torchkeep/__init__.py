@@ -30,8 +30,8 @@ _EXPORTS: dict[str, str] = {
     "Summary": "checkpoint",
     "TensorRef": "formats.base",
     "Opaque": "safety",
-    "scan": "safety",
-    "ScanReport": "safety",
+    "scan": "scanning",
+    "ScanReport": "scanning",
     "GlobalRef": "safety",
     "diff": "diffing",
     "DiffReport": "diffing",
@@ -92,6 +92,7 @@ if TYPE_CHECKING:  # pragma: no cover
                          TorchkeepError, TransferError, UnsafeCheckpointError)
     from .formats.base import TensorRef
     from .manager import CheckpointManager
-    from .safety import GlobalRef, Opaque, ScanReport, scan
+    from .safety import GlobalRef, Opaque
+    from .scanning import ScanReport, scan
     from .state import TrainState
     from .transfer import TransferReport, transfer

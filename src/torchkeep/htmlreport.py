@@ -20,7 +20,7 @@ from .checkpoint import Checkpoint, Summary
 from .checkpoint import open as open_checkpoint
 from .errors import TorchkeepError
 from .formats.base import TensorRef
-from .safety import ScanReport, scan
+from .scanning import ScanReport, scan
 from .diffing import TensorDiff
 from .stats import DEFAULT_BINS, DEFAULT_CHUNK, TensorStats, Thresholds, stream_pair, stream_stats
 from .store import atomic_write

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..safety import scan
+    from ..scanning import scan
 
     out, err = console(), console(stderr=True)
     status = 0

@@ -630,7 +630,7 @@ class NativeReader(Reader):
         return self._decode(lazy=False, loaded=loaded)
 
     def globals(self) -> list:
-        from ..safety import scan_pickle
+        from ..scanning import scan_pickle
         import base64
         out: list = []
 
