@@ -326,6 +326,31 @@ def test_damaged_shard_is_never_restored(two_ranks, tmp_path, caplog):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_shard_metadata_is_read_without_running_code(two_ranks, tmp_path):
+    """restore hands DCP a reader whose .metadata unpickler builds DCP's classes only."""
+    import pickle
+
+    from torchkeep import UnsafeCheckpointError
+    from torchkeep.distributed import _safe_reader
+
+    _ref(two_ranks)
+    shards = os.path.join(two_ranks["dir"], native.step_dirname(6), sharded.SHARDS)
+    md = _safe_reader(shards).read_metadata()
+    assert type(md).__module__ == "torch.distributed.checkpoint.metadata"
+    assert "model.0.weight" in md.state_dict_metadata
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(UnsafeCheckpointError, match="system"):
+        _safe_reader(str(tmp_path)).read_metadata()
+    assert not marker.exists()
+
+
 # -- 3 ranks ------------------------------------------------------------------------------------
 
 def _three_rank_run(d: str, ref_path: str, ddp_dir: str, ddp_ref: str) -> None:

@@ -156,6 +156,29 @@ def test_unchanged_tensors_are_written_once_and_rotation_counts_references(tmp_p
     assert all(not p for i in CheckpointManager(d).verify(deep=True) for p in i.problems)
 
 
+@pytest.mark.parametrize("async_save", [True, False])
+def test_change_behind_the_version_counter_is_still_saved(tmp_path, async_save):
+    """Unchanged-looking tensors (same storage, same version counter) skip sha256 but not crc32:
+    writes through .data or numpy, which torch does not count, still reach the checkpoint."""
+    d = str(tmp_path / "run")
+    st = make_state(frozen=True)
+    body = st.model.body.weight
+    with CheckpointManager(d, keep_last=3, async_save=async_save) as mgr:
+        mgr.save(st, step=1)
+        version = body._version
+        body.data.add_(1.0)                    # no version bump
+        body.detach().numpy()[0, 0] = 42.0     # none either
+        assert body._version == version
+        mgr.save(st, step=2)
+        mgr.save(st, step=3)                   # unchanged since step 2: reused, nothing written
+        mgr.wait()
+        infos = {i.step: i for i in mgr.list()}
+    assert infos[2].written > body.nbytes and infos[3].written < body.nbytes
+    st2 = make_state(seed=4, frozen=True)
+    assert CheckpointManager(d).restore(st2, 2) == 2
+    assert torch.equal(st2.model.body.weight, body) and st2.model.body.weight[0, 0] == 42.0
+
+
 def test_kill_during_rotation_never_loses_kept_data(tmp_path, monkeypatch):
     d = str(tmp_path / "run")
     st = make_state(frozen=True)

@@ -263,13 +263,21 @@ class _Feeder:
                 self._groups.setdefault(it.group, []).append(it)
         self._cache: dict[int, torch.Tensor] = {}
 
-    def get(self, it: _Item) -> torch.Tensor:
+    def get(self, it: _Item, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The item's tensor; with ``out`` (a uint8 buffer of at least ``it.nbytes``) a cast or
+        a gather of a non-contiguous tensor writes into it instead of fresh memory."""
         t = self._cache.pop(id(it), None)
         if t is None:
             batch = self._batch(self._pos[id(it)])
             for b, x in zip(batch, batch[0].ref.reader.load([b.ref for b in batch], "cpu")):
                 self._cache[id(b)] = x
             t = self._cache.pop(id(it))
+        t = t.detach()
+        if out is not None and t.numel() and t.device.type == "cpu" and (
+                t.dtype != it.dtype or not t.is_contiguous()):
+            dst = out[:it.nbytes].view(it.dtype).view(t.shape)
+            dst.copy_(t)
+            return dst
         return _prepare(t, it.dtype)
 
     def _batch(self, i: int) -> list[_Item]:
@@ -411,6 +419,10 @@ class _Call(threading.Thread):
             raise self.error
 
 
+def _aligned(n: int) -> int:
+    return -(-n // 64) * 64
+
+
 def _runs(order: Sequence[_Item], nbytes: int = RUN_BYTES, items: int = RUN_ITEMS) -> list[list[_Item]]:
     """Consecutive items grouped into runs of about ``nbytes`` (or ``items``) each."""
     runs: list[list[_Item]] = [[]]
@@ -445,13 +457,29 @@ def _write_safetensors(f: Any, items: Sequence[_Item], metadata: Mapping[str, st
     written = 0
     with ThreadPoolExecutor(1, thread_name_prefix="torchkeep-read") as ahead, \
             ThreadPoolExecutor(1, thread_name_prefix="torchkeep-crc") as summer:
-        def fetch(run: list[_Item]) -> list[torch.Tensor]:
-            return [feeder.get(it) for it in run]
+        # Casts and gathers go into two scratch buffers used in turn (the reader fills one
+        # while the writer drains the other): fresh memory for every tensor would cost a page
+        # fault per 4 KiB, more than the cast itself.
+        scratch: list[torch.Tensor | None] = [None, None]
 
-        next_run = ahead.submit(fetch, runs[0]) if runs else None
+        def fetch(run: list[_Item], slot: int) -> list[torch.Tensor]:
+            need = sum(_aligned(it.nbytes) for it in run if it.dtype != it.ref.dtype or not it.contiguous)
+            buf = scratch[slot]
+            if need and (buf is None or buf.numel() < need):
+                buf = scratch[slot] = torch.empty(need, dtype=torch.uint8)
+            out, off = [], 0
+            for it in run:
+                if need and (it.dtype != it.ref.dtype or not it.contiguous):
+                    out.append(feeder.get(it, buf[off:]))
+                    off += _aligned(it.nbytes)
+                else:
+                    out.append(feeder.get(it))
+            return out
+
+        next_run = ahead.submit(fetch, runs[0], 0) if runs else None
         for i, run in enumerate(runs):
             tensors = next_run.result()
-            next_run = ahead.submit(fetch, runs[i + 1]) if i + 1 < len(runs) else None
+            next_run = ahead.submit(fetch, runs[i + 1], (i + 1) % 2) if i + 1 < len(runs) else None
             for it, t in zip(run, tensors):
                 mv = st.tensor_bytes(t)
                 fut = summer.submit(zlib.crc32, mv) if len(mv) >= _BIG else None

@@ -43,6 +43,7 @@ import torch
 from . import serial
 from .errors import CorruptCheckpointError, StateError, UnsafeCheckpointError
 from .formats import native, sharded
+from .formats.dcp import METADATA as DCP_METADATA
 
 if TYPE_CHECKING:  # pragma: no cover
     from .convert import ConvertResult
@@ -286,7 +287,7 @@ def _safe_reader(path: str) -> Any:
 
     class SafeFileSystemReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            mpath = os.path.join(os.fspath(self.path), sharded_metadata_name())
+            mpath = os.path.join(os.fspath(self.path), DCP_METADATA)
             with open(mpath, "rb") as f:
                 md = _MetadataUnpickler(io.BytesIO(f.read()), mpath).load()
             if type(md).__name__ != "Metadata":
@@ -297,11 +298,6 @@ def _safe_reader(path: str) -> Any:
             return md
 
     return SafeFileSystemReader(path)
-
-
-def sharded_metadata_name() -> str:
-    from .formats.dcp import METADATA
-    return METADATA
 
 
 # -- saving and restoring through a CheckpointManager --------------------------------------------
@@ -479,10 +475,23 @@ class ShardedCheckpointing:
         no_dist = self.group is None
         if asynchronous:
             fut = dcp.async_save(shards, storage_writer=writer, planner=planner,
-                                 process_group=self.group, no_dist=no_dist)
+                                 process_group=self.group, no_dist=no_dist,
+                                 async_stager=self._stager())
             return getattr(fut, "upload_completion", fut)
         return dcp.save(shards, storage_writer=writer, planner=planner, process_group=self.group,
                         no_dist=no_dist)
+
+    def _stager(self) -> Any:
+        """DCP's stager, kept for the manager's life: it copies each shard into the CPU buffer it
+        used the last time (pinned when CUDA is there) instead of allocating every save."""
+        stager = self.__dict__.get("_staging")
+        if stager is None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            stager = self.__dict__["_staging"] = DefaultStager(StagingOptions(
+                use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
+                use_async_staging=False, use_non_blocking_copy=False))
+        return stager
 
     def _run_finish(self, *job: Any) -> None:
         m = self.manager
@@ -531,7 +540,7 @@ class ShardedCheckpointing:
         if not rel:  # not told by DCP: take what is in the folder
             base = os.path.join(folder, sharded.SHARDS)
             rel = {f"{sharded.SHARDS}/{n}" for n in os.listdir(base) if n.endswith(".distcp")}
-        rel.add(f"{sharded.SHARDS}/{sharded_metadata_name()}")
+        rel.add(f"{sharded.SHARDS}/{DCP_METADATA}")
         return sorted(rel)
 
     def _commit(self, step: int, folder: str, snap: Any, extra: dict[str, Any],
@@ -562,6 +571,8 @@ class ShardedCheckpointing:
         info = CheckpointInfo(step, folder, created, plain, nbytes, res.written + shard_bytes)
         with m._mutex:
             m._entries[step] = _Entry(info, res.blobs)
+            if hasattr(m, "_prev"):  # the manager's "unchanged since the last save" hints: none here
+                m._prev = {}
         log.debug("saved step %d from %d ranks: %d bytes", step, W, nbytes)
         m._rotate()
 

@@ -475,7 +475,9 @@ class CheckpointManager:
 
     def _read(self, folder: str, allow_pickle: bool) -> Any:
         manifest = native.read_manifest(self.storage, folder)
-        tensors = native.load_tensors(self.storage, folder, manifest)
+        # A module's tensors are only copied into its parameters: read them through memory maps.
+        mapped = {k for k in manifest.get("tensors", {}) if k.startswith("model.")}
+        tensors = native.load_tensors(self.storage, folder, manifest, mapped=mapped)
 
         def pickled(value: serial.PickledValue, path: str) -> Any:
             if not allow_pickle:

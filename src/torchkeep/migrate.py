@@ -600,15 +600,14 @@ def plan_ema(ema: nn.Module | Mapping[str, torch.Tensor], source: Mapping[str, t
 
     Returns the report and ``ema name -> (source tensor, target tensor, adaptation)``.
     """
-    from . import keys
     from .transfer import TransferReport
 
     if isinstance(ema, nn.Module):
         tensors = {k: v for k, v in ema.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
     else:
         tensors = {k: v for k, v in ema.items() if isinstance(v, torch.Tensor)}
-    tmap, _ = keys.unwrap_names(list(tensors))        # 'module.fc.weight' -> 'fc.weight'
-    smap, stripped = keys.unwrap_names(list(source))
+    tmap, _ = _unwrap_ema(list(tensors))        # 'module.fc.weight' -> 'fc.weight'
+    smap, stripped = _unwrap_ema(list(source))
     src = {smap[k]: v for k, v in source.items()}
     rep = TransferReport(source=label, target=f"EMA {type(ema).__name__}", stripped=stripped,
                          target_shapes={k: tuple(v.shape) for k, v in tensors.items()},
@@ -642,6 +641,17 @@ def plan_ema(ema: nn.Module | Mapping[str, torch.Tensor], source: Mapping[str, t
         actions[name] = (src[s], t, ad)
     rep.unused = {s: "no EMA tensor of the target takes it" for s in src if s not in used}
     return rep, actions
+
+
+def _unwrap_ema(names: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Names without wrapper prefixes; an EMA wrapper (AveragedModel, timm's ModelEma) keeps its
+    model under ``module.`` next to its own counters, so ``module.`` goes wherever it stands."""
+    from . import keys
+    mapping, stripped = keys.unwrap_names(names)
+    bare = {k: keys.strip_prefix(v, "module") for k, v in mapping.items()}
+    if bare != mapping and len(set(bare.values())) == len(bare):
+        return bare, stripped + ["module."]
+    return mapping, stripped
 
 
 def apply_ema(actions: Mapping[str, tuple[torch.Tensor, torch.Tensor, Any]]) -> None:

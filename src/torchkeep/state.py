@@ -13,7 +13,7 @@ import collections
 import logging
 import types
 from collections.abc import Mapping
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -78,6 +78,10 @@ class TrainState:
                                  entry=_path("dataloader", name))
         self._main = next(iter(self._loaders), None)
         self._progress = {name: _progress.LoaderProgress() for name in self._loaders}
+        # -- torchkeep.doctor: called once by the next batches() (before its iterator is built);
+        # a restore sets it to check the run at its first batch against the checkpoint ----------
+        self.before_first_batch: Callable[[TrainState, str], None] | None = None
+        # ------------------------------------------------------------------------------------------
 
     @property
     def _parts(self) -> dict[str, dict[str, Any]]:
@@ -129,6 +133,11 @@ class TrainState:
         remaining batches in the original order; skipped batches are never loaded.
         """
         name = self._loader_name(loader)
+        # -- torchkeep.doctor --------------------------------------------------------------------
+        hook, self.before_first_batch = self.before_first_batch, None
+        if hook is not None:
+            hook(self, name)
+        # ------------------------------------------------------------------------------------------
         p = self._progress[name]
         it = _progress.begin_epoch(self._loaders[name], p, name)
         return self._iterate(name, p, it)

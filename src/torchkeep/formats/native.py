@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import struct
 import threading
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Container, Iterable, Mapping, Sequence
 
 import torch
 
@@ -382,14 +384,22 @@ def tensor_path(storage: Storage, folder: str, manifest: Mapping[str, Any], key:
     return storage.join(folder, e.get("file", PACK))
 
 
-def _fill(f, buf: memoryview, path: str, key: str) -> None:
-    done = 0
+READ_CHUNK = 4 << 20  # read and checksum in pieces small enough to stay in the CPU cache
+
+
+def _fill(f, buf: memoryview, path: str, key: str, crc: bool) -> int:
+    """Fill ``buf`` from ``f``; the crc32 of what was read (computed while it is cache-hot)."""
+    done, value = 0, 0
     while done < len(buf):
-        n = f.readinto(buf[done:done + (1 << 30)])
+        piece = buf[done:done + READ_CHUNK]
+        n = f.readinto(piece)
         if not n:
             raise CorruptCheckpointError(f"expected {len(buf)} bytes, the file ends after {done}",
                                          path=path, entry=key, hint="file truncated?")
+        if crc:
+            value = zlib.crc32(piece[:n], value)
         done += n
+    return value
 
 
 def _load_blob(storage: Storage, path: str, key: str, info: Mapping[str, Any], verify: bool) -> torch.Tensor:
@@ -404,12 +414,41 @@ def _load_blob(storage: Storage, path: str, key: str, info: Mapping[str, Any], v
         if begin:
             f.seek(start + begin)
         t = torch.empty(info["shape"], dtype=dtype)
-        buf = tensor_bytes(t)
-        _fill(f, buf, path, key)
-    if verify and crc32(buf) != info["crc32"]:
-        raise CorruptCheckpointError(f"crc32 mismatch (stored {info['crc32']}, read {crc32(buf)})",
+        got = _fill(f, tensor_bytes(t), path, key, verify)
+    if verify and got != info["crc32"]:
+        raise CorruptCheckpointError(f"crc32 mismatch (stored {info['crc32']}, read {got})",
                                      path=path, entry=key, hint="the file was damaged on disk")
     return t
+
+
+def _map_blob(storage: Storage, path: str, key: str, info: Mapping[str, Any], verify: bool) -> torch.Tensor:
+    dtype = serial.dtype_from_name(info["dtype"])
+    local = storage.local_path(path)
+    try:
+        f = open(local, "rb")  # type: ignore[arg-type]
+    except FileNotFoundError:
+        raise CorruptCheckpointError("blob file is missing", path=path, entry=key) from None
+    with f:
+        st, start = read_st_header(f, path)
+        begin, end = _check_entry(st, "data", info, path)
+        size = os.fstat(f.fileno()).st_size
+        if start + end > size:
+            raise CorruptCheckpointError(f"tensor ends at byte {start + end}, the file has {size}",
+                                         path=path, entry=key, hint="file truncated?")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    if verify:
+        view = memoryview(mm)[start + begin:start + end]
+        try:
+            got = crc32(view, chunk=READ_CHUNK)
+        finally:
+            view.release()
+        if got != info["crc32"]:
+            mm.close()
+            raise CorruptCheckpointError(f"crc32 mismatch (stored {info['crc32']}, read {got})",
+                                         path=path, entry=key, hint="the file was damaged on disk")
+    numel = (end - begin) // dtype.itemsize
+    t = torch.frombuffer(mm, dtype=dtype, count=numel, offset=start + begin)  # keeps mm alive
+    return t.reshape(info["shape"])
 
 
 def _load_pack(storage: Storage, path: str, items: Sequence[tuple[str, Mapping[str, Any]]],
@@ -438,8 +477,13 @@ def _load_pack(storage: Storage, path: str, items: Sequence[tuple[str, Mapping[s
 
 def load_tensors(storage: Storage, folder: str, manifest: Mapping[str, Any],
                  keys: Iterable[str] | None = None, *, verify: bool = True,
-                 threads: int = IO_THREADS) -> dict[str, torch.Tensor]:
-    """Read tensors of a checkpoint onto the CPU, each checked against its crc32."""
+                 threads: int = IO_THREADS, mapped: Container[str] = ()) -> dict[str, torch.Tensor]:
+    """Read tensors of a checkpoint onto the CPU, each checked against its crc32.
+
+    Blobs of keys in ``mapped`` come back as private (copy-on-write) memory maps of their local
+    files, checked in place: for tensors the caller only copies from (a module's state dict),
+    that saves allocating and filling fresh memory.
+    """
     table = manifest.get("tensors", {})
     keys = list(table) if keys is None else list(keys)
     # -- torchkeep.distributed: tensors in the rank-sharded DCP part are read whole there --
@@ -448,7 +492,7 @@ def load_tensors(storage: Storage, folder: str, manifest: Mapping[str, Any],
     if in_shards:
         got = sharded.load(storage, folder, manifest, in_shards)
         rest = load_tensors(storage, folder, manifest, [k for k in keys if k not in got],
-                            verify=verify, threads=threads)
+                            verify=verify, threads=threads, mapped=mapped)
         return {k: got[k] if k in got else rest[k] for k in keys}
     # --------------------------------------------------------------------------------------
     by_pack: dict[str, list[tuple[str, Mapping[str, Any]]]] = {}
@@ -467,7 +511,8 @@ def load_tensors(storage: Storage, folder: str, manifest: Mapping[str, Any],
     blobs.sort(key=lambda b: -_nbytes(b[2]))
     with ThreadPoolExecutor(max(1, min(threads, len(blobs) + len(by_pack))),
                             thread_name_prefix="torchkeep-read") as pool:
-        futs = {pool.submit(_load_blob, storage, p, k, info, verify): k for k, p, info in blobs}
+        futs = {pool.submit(_map_blob if k in mapped and storage.local_path(p) else _load_blob,
+                            storage, p, k, info, verify): k for k, p, info in blobs}
         packs = [pool.submit(_load_pack, storage, p, items, verify) for p, items in by_pack.items()]
         for f, k in futs.items():
             out[k] = f.result()
