@@ -209,6 +209,11 @@ class Checkpoint:
         keeping shared storages shared."""
         return _load_refs(refs, device, mmap)
 
+    def state_items(self) -> dict[str, Any]:
+        """Everything in the model-weights mapping by clean name: TensorRefs, and the few
+        non-tensor values a state dict may hold (``_extra_state``), without reading bytes."""
+        return dict(self._find_state()[1])
+
     def state_refs(self) -> dict[str, TensorRef]:
         """The model weights as lazy refs, under the names a bare model would use."""
         return {k: v for k, v in self._find_state()[1].items() if isinstance(v, TensorRef)}

@@ -145,7 +145,7 @@ def _source(src: Any, trust: bool) -> tuple[str, dict[str, Any], Any, str | None
         return "<state dict>", flat, None, None, []
     ck = src if isinstance(src, Checkpoint) else open_checkpoint(src, trust=trust)
     closer = None if isinstance(src, Checkpoint) else ck
-    wrapper, flat, prefixes, _ = ck._find_state()
+    wrapper, flat, prefixes = ck.wrapper, ck.state_items(), ck.prefixes
     if wrapper is None:
         if closer is not None:
             closer.close()

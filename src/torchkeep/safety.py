@@ -75,7 +75,7 @@ def classify(module: str, name: str) -> str:
     if module == "?":
         return "unsafe"  # a name computed at load time cannot be checked
     full = f"{module}.{name}"
-    if full in _ALLOWED or full in _SAFE_UNSUPPORTED or full in _OWN_CLASSES:
+    if full in _ALLOWED or full in _SAFE_UNSUPPORTED or full in _SAFE_DATA:
         return "safe"
     if module in ("builtins", "__builtin__"):
         return "unsafe" if name in UNSAFE_BUILTINS or name.startswith("_") else "unknown"
@@ -369,9 +369,17 @@ _SAFE_UNSUPPORTED = frozenset({
     "torch.per_channel_symmetric", "torch.per_channel_affine_float_qparams",
 })
 
-# torchkeep's own marker classes that may sit inside a pickled model (a frozen BatchNorm's eval
-# lock): harmless data, still left as placeholders by the reader.
-_OWN_CLASSES = frozenset({"torchkeep.modeling.EvalLock"})
+# Classes that only hold data (constructing them and setting their state runs nothing of
+# consequence): DCP's metadata records, paths, torchkeep's own frozen-BatchNorm marker. The reader
+# still leaves them as placeholders and reads their fields as data; scan calls them safe.
+_SAFE_DATA = frozenset({
+    *(f"torch.distributed.checkpoint.metadata.{n}" for n in (
+        "Metadata", "TensorStorageMetadata", "ChunkStorageMetadata", "BytesStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    "torch.distributed.checkpoint.filesystem._StorageInfo",
+    "pathlib.PosixPath", "pathlib.PurePosixPath", "pathlib.WindowsPath", "pathlib.PureWindowsPath",
+    "torchkeep.modeling.EvalLock",
+})
 
 _ALLOWED: dict[str, Any] = _build_allowed()
 

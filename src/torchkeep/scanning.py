@@ -175,6 +175,8 @@ def scan(path: str) -> ScanReport:
             files = cls(path).files()
         except FormatError:
             raise
+        if fmt == "dcp":
+            return _scan_dcp(path, cls(path))
         # Files without a pickle inside (JSON manifests, safetensors shards) import nothing.
         reports = [scan(f) for f in files if os.path.isfile(f) and _may_hold_pickle(f)]
         rep = ScanReport(path=path, format=fmt, safe=all(r.safe for r in reports))
@@ -210,6 +212,25 @@ def scan(path: str) -> ScanReport:
         rep.globals.extend(found)
         if err:
             rep.errors.append(f"{member}: damaged pickle ({err})")
+    _classify_into(rep)
+    return rep
+
+
+def _scan_dcp(path: str, reader: Any) -> ScanReport:
+    """A DCP folder: its ``.metadata`` pickle and every torch.save blob packed back to back in
+    the ``.distcp`` files (a zip scanner would see only the last one); the DCP reader walks them
+    all with the restricted unpickler, which records each global it meets."""
+    rep = ScanReport(path=path, format="dcp", safe=True, pickles=[os.path.basename(f) for f in reader.files()])
+    try:
+        reader.read_tree()
+        rep.globals = list(reader.globals())
+    except (CorruptCheckpointError, FormatError) as e:
+        rep.errors.append(str(e))
+    _classify_into(rep)
+    return rep
+
+
+def _classify_into(rep: ScanReport) -> None:
     seen = set()
     for g in rep.globals:
         if (g.qualname, g.verdict) in seen:
@@ -220,7 +241,6 @@ def scan(path: str) -> ScanReport:
         elif g.verdict == "unknown":
             rep.unknown.append(g)
     rep.safe = not rep.unsafe and not rep.unknown and not rep.errors
-    return rep
 
 
 def _may_hold_pickle(path: str) -> bool:
