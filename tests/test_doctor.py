@@ -129,12 +129,15 @@ def test_scheduler_rebuilt(original, caplog):
     CheckpointManager(folder).restore(expected)
     lr = expected.optimizer.param_groups[0]["lr"]
 
+    rebuilt = []
+
     def rebuild(state):  # the classic: the scheduler built again after the restore
-        torch.optim.lr_scheduler.LambdaLR(state.optimizer, lambda s: 1.0)
+        rebuilt.append(torch.optim.lr_scheduler.LambdaLR(state.optimizer, lambda s: 1.0))
 
     with caplog.at_level(logging.WARNING, logger="torchkeep.doctor"):
         found = resume(folder, make(), mistake=rebuild)
-    assert found == [f"the scheduler was rebuilt, not restored: LR 1e-3, expected {fmt(lr)}"]
+    assert found == [f"the scheduler was rebuilt, not restored: LR 1e-3, expected {fmt(lr)}; a new "
+                     "LambdaLR at step 0 drives the optimizer, not the restored one"]
     assert "at its first batch" in caplog.text and "rebuilt, not restored" in caplog.text
     # Left out of the state altogether (strict=False): said at once.
     state = make(scheduler=False)
@@ -187,7 +190,9 @@ def test_doctor_cli_reads_the_resume_from_the_folder(original, tmp_path, cli):
     bad, good = tmp_path / "bad", tmp_path / "good"
     shutil.copytree(folder, bad)
     shutil.copytree(folder, good)
-    for where, mistake in ((bad, lambda s: torch.optim.lr_scheduler.LambdaLR(s.optimizer, lambda e: 1.0)),
+    rebuilt = []
+    for where, mistake in ((bad, lambda s: rebuilt.append(
+                                torch.optim.lr_scheduler.LambdaLR(s.optimizer, lambda e: 1.0))),
                            (good, lambda s: None)):
         state = make()
         with CheckpointManager(where, async_save=False) as mgr:
@@ -203,11 +208,11 @@ def test_doctor_cli_reads_the_resume_from_the_folder(original, tmp_path, cli):
     assert f"step {SAVE_AT + 4}: resumed from step {SAVE_AT} (checked at its first batch)" in p.stdout
     assert "the scheduler was rebuilt, not restored: LR 1e-3, expected" in p.stdout
     assert "1 problem found" in p.stdout
-    p = cli("doctor", str(good))
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert "every resume continues its checkpoint exactly" in p.stdout
-    p = cli("doctor", str(good), "--json")
-    assert '"ok": true' in p.stdout
+    rep = doctor.diagnose_folder(good)  # the same report in-process (one subprocess is enough)
+    assert rep.ok and [(b.kind, b.step, b.resumed_from) for b in rep.boundaries] == [
+        ("resume", SAVE_AT + 4, SAVE_AT)]
+    assert rep.verdict() == "every resume continues its checkpoint exactly"
+    assert rep.to_dict()["boundaries"][0]["findings"] == []
 
 
 def test_diagnose_words_a_restart_and_a_rebuilt_optimizer():

@@ -419,3 +419,49 @@ def test_native_reader_open_and_inspect(tmp_path, capsys, wide):
 def _with(model, sd):
     model.load_state_dict(sd)
     return model
+
+
+# ----------------------------------------------------------------------------- round trips
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as hst  # noqa: E402
+
+_DT = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8, torch.bool,
+       torch.complex64, torch.float64, torch.int8]
+
+
+@hst.composite
+def tensor_dicts(draw):
+    out = {}
+    for i in range(draw(hst.integers(1, 5))):
+        dtype = draw(hst.sampled_from(_DT))
+        big = draw(hst.integers(0, 4)) == 0                   # now and then a deduplicated blob
+        shape = [draw(hst.integers(128, 160)), 128] if big else draw(hst.lists(hst.integers(0, 5), max_size=3))
+        t = (torch.randn(shape) * 50).to(dtype) if dtype != torch.complex64 else torch.randn(shape, dtype=dtype)
+        kind = draw(hst.sampled_from(["plain", "transposed", "view"]))
+        if kind == "transposed" and t.dim() >= 2:
+            t = t.t()
+        out[f"t{i}"] = t
+        if kind == "view" and t.dim() >= 1 and t.shape[0] > 1:
+            out[f"t{i}.view"] = t[1:]                         # shares storage with t{i}
+    return out
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(sd=tensor_dicts())
+def test_any_tensors_survive_save_open_load(tmp_path, sd):
+    import tempfile
+    d = tempfile.mkdtemp(dir=tmp_path)
+    with CheckpointManager(d, async_save=False) as mgr:
+        mgr.save({"model": sd, "note": (1, 2.5, None)}, step=3)
+    step, tree = CheckpointManager(d).load()
+    opened = torchkeep.open(os.path.join(d, "step-00000003")).load()
+    for got in (tree, opened):
+        assert step == 3 and got["note"] == (1, 2.5, None)
+        assert list(got["model"]) == list(sd)
+        for k, t in sd.items():
+            g = got["model"][k]
+            assert g.dtype == t.dtype and g.shape == t.shape, k
+            assert torch.equal(g.reshape(-1).view(torch.uint8) if g.numel() else g,
+                               t.contiguous().reshape(-1).view(torch.uint8) if t.numel() else t), k

@@ -54,6 +54,7 @@ _EXPORTS: dict[str, str] = {
     # training state
     "TrainState": "state",
     "CheckpointManager": "manager",
+    "CheckpointInfo": "manager",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -91,7 +92,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import (CorruptCheckpointError, FormatError, StateError, SurgeryError,
                          TorchkeepError, TransferError, UnsafeCheckpointError)
     from .formats.base import TensorRef
-    from .manager import CheckpointManager
+    from .manager import CheckpointInfo, CheckpointManager
     from .safety import GlobalRef, Opaque
     from .scanning import ScanReport, scan
     from .state import TrainState

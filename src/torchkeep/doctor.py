@@ -112,7 +112,7 @@ def fmt(x: Any) -> str:
         return "0"
     if 1e-2 <= a < 1e5:
         return f"{x:.4g}"
-    mant, exp = f"{x:.3e}".split("e")
+    mant, exp = f"{x:.2e}".split("e")
     mant = mant.rstrip("0").rstrip(".")
     return f"{mant}e{int(exp)}"
 
@@ -191,8 +191,49 @@ def next_batch(loader: DataLoader, p: _progress.LoaderProgress) -> tuple[list[An
 
 
 # ----------------------------------------------------------------------------- fingerprint
-def observe(state: "TrainState") -> dict[str, Any]:
-    """The fingerprint of ``state``'s live objects now (JSON-able; see the module docstring)."""
+def _is_scheduler(obj: Any) -> bool:
+    sched = torch.optim.lr_scheduler
+    return issubclass(type(obj), (sched.LRScheduler, sched.ReduceLROnPlateau))  # type(): no proxies
+
+
+def _held_schedulers(schedulers: Iterable[Any]) -> set[int]:
+    """ids of the given schedulers and of those nested in them (SequentialLR, ChainedScheduler)."""
+    out: set[int] = set()
+    stack = list(schedulers)
+    while stack:
+        s = stack.pop()
+        if id(s) in out:
+            continue
+        out.add(id(s))
+        stack.extend(getattr(s, "_schedulers", None) or [])
+    return out
+
+
+def _foreign_schedulers(state: "TrainState") -> dict[int, list[dict[str, Any]]]:
+    """Schedulers alive in this process that drive one of the state's optimizers but are not part
+    of the state: id(optimizer) -> their type and step count. (A walk over the garbage
+    collector's objects, so only done when a restore is checked, never at a save.)"""
+    import gc
+
+    opts = {id(o): o for o in state._parts["optimizer"].values()}
+    held = _held_schedulers(state._parts["scheduler"].values())
+    out: dict[int, list[dict[str, Any]]] = {}
+    for obj in gc.get_objects():
+        try:
+            if not _is_scheduler(obj) or id(obj) in held:
+                continue
+            opt = getattr(obj, "optimizer", None)
+        except ReferenceError:  # pragma: no cover - a dead weak proxy
+            continue
+        if id(opt) in opts and opts[id(opt)] is opt:
+            out.setdefault(id(opt), []).append({"type": type(obj).__name__,
+                                                "last_epoch": getattr(obj, "last_epoch", None)})
+    return out
+
+
+def observe(state: "TrainState", *, deep: bool = False) -> dict[str, Any]:
+    """The fingerprint of ``state``'s live objects now (JSON-able; see the module docstring).
+    ``deep`` also looks for schedulers outside the state that drive its optimizers."""
     parts = state._parts
     out: dict[str, Any] = {"version": VERSION, "step": int(state.step), "epoch": int(state.epoch),
                            "position": int(state.position)}
@@ -225,6 +266,11 @@ def observe(state: "TrainState") -> dict[str, Any]:
             "lr": [_num(g.get("lr")) for g in opt.param_groups],
             "initial_lr": [_num(g.get("initial_lr")) for g in opt.param_groups],
             "step": max(numeric) if numeric else None}
+    if deep:
+        foreign = _foreign_schedulers(state)
+        for oname, opt in parts["optimizer"].items():
+            if id(opt) in foreign:
+                opts[_path("optimizer", oname)]["foreign_schedulers"] = foreign[id(opt)]
     out["optimizers"] = opts
     scheds: dict[str, Any] = {}
     for sname, s in parts["scheduler"].items():
@@ -471,7 +517,13 @@ def _optimizer_findings(rec: Mapping[str, Any], obs: Mapping[str, Any]) -> list[
         init = (o.get("initial_lr") or [None] * len(ol))[i]
         more = f" (param group {i}" + (f" and {len(diff) - 1} more" if len(diff) > 1 else "") + ")" \
             if len(ol) > 1 else ""
-        if init is not None and _close(a, init) and not _close(b, init):
+        foreign = o.get("foreign_schedulers") or []
+        if foreign:
+            f0 = foreign[0]
+            msg = (f"the scheduler was rebuilt, not restored: LR {fmt(a)}, expected {fmt(b)}{more}; a new "
+                   f"{f0['type']} at step {f0['last_epoch']} drives the {what}, not the restored one")
+            kind = "scheduler"
+        elif init is not None and _close(a, init) and not _close(b, init):
             msg = f"the scheduler was rebuilt, not restored: LR {fmt(a)}, expected {fmt(b)}{more}"
             kind = "scheduler"
         else:
@@ -617,7 +669,7 @@ def after_restore(state: "TrainState", recorded: Mapping[str, Any] | None, step:
     Starts a new session: the next saves record what this restore was expected to give."""
     s = _SESSIONS[state] = _Session()
     expected = _strip(recorded)
-    obs = observe(state)
+    obs = observe(state, deep=True)
     if migration is not None:
         obs["migration"] = migration.summary()
     findings = diagnose(expected, obs) if expected else []
@@ -631,7 +683,7 @@ def after_restore(state: "TrainState", recorded: Mapping[str, Any] | None, step:
         rng_at_restore = obs.get("rng")
 
         def first_batch(st: "TrainState", loader: str | None = None) -> None:
-            later = observe(st)
+            later = observe(st, deep=True)
             later["rng_at_restore"] = rng_at_restore
             if "migration" in obs:
                 later["migration"] = obs["migration"]
@@ -654,7 +706,7 @@ def check(state: "TrainState") -> list[Finding]:
                          "to compare it with", hint="call manager.restore(state) first")
     if s.recorded is None:
         return []
-    obs = observe(state)
+    obs = observe(state, deep=True)
     prev = s.resumed.get("observed") or {}
     obs["rng_at_restore"] = prev.get("rng_at_restore", prev.get("rng"))
     if "migration" in prev:

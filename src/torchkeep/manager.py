@@ -363,8 +363,7 @@ class CheckpointManager:
             with self._mutex:
                 del entries[s]
             self.storage.rmtree(folder)
-        if drop:
-            self._collect_blobs()
+        self._collect_blobs()  # also frees what a replaced checkpoint of the same step held
 
     def _collect_blobs(self) -> None:
         entries = self._entries
@@ -445,14 +444,15 @@ class CheckpointManager:
             return found
         raise ValueError(f"which must be 'latest', 'best' or a step, got {which!r}")
 
-    def load(self, which: Which = "latest", *, allow_pickle: bool = False
+    def load(self, which: Which = "latest", *, allow_pickle: bool = False, verify: bool = True
              ) -> tuple[int, dict[str, Any]] | None:
         """(step, state tree with tensors) of a checkpoint, verified; falls back to older good
         checkpoints like :meth:`restore`. None when there is none."""
-        got = self._load(which, allow_pickle)
+        got = self._load(which, allow_pickle, verify)
         return None if got is None else (got[0].step, got[1])
 
-    def _load(self, which: Which, allow_pickle: bool) -> tuple[CheckpointInfo, Any] | None:
+    def _load(self, which: Which, allow_pickle: bool, verify: bool = True
+              ) -> tuple[CheckpointInfo, Any] | None:
         self.wait()
         cands = self._candidates(which)
         if not cands:
@@ -460,7 +460,7 @@ class CheckpointManager:
         errors = []
         for info in cands:
             try:
-                tree = self._read(info.path, allow_pickle)
+                tree = self._read(info.path, allow_pickle, verify)
             except CorruptCheckpointError as e:
                 errors.append(e)
                 if isinstance(which, int):
@@ -473,11 +473,11 @@ class CheckpointManager:
         raise CorruptCheckpointError(f"all {len(cands)} checkpoints are damaged; the newest: {errors[0]}",
                                      path=self.root, hint="torchkeep verify shows the details")
 
-    def _read(self, folder: str, allow_pickle: bool) -> Any:
+    def _read(self, folder: str, allow_pickle: bool, verify: bool = True) -> Any:
         manifest = native.read_manifest(self.storage, folder)
         # A module's tensors are only copied into its parameters: read them through memory maps.
         mapped = {k for k in manifest.get("tensors", {}) if k.startswith("model.")}
-        tensors = native.load_tensors(self.storage, folder, manifest, mapped=mapped)
+        tensors = native.load_tensors(self.storage, folder, manifest, mapped=mapped, verify=verify)
 
         def pickled(value: serial.PickledValue, path: str) -> Any:
             if not allow_pickle:
@@ -491,12 +491,14 @@ class CheckpointManager:
             raise CorruptCheckpointError(f"the state refers to tensor {e} that the manifest lacks",
                                          path=folder) from None
 
-    def restore(self, state: TrainState, which: Which = "latest", *, strict: bool = True) -> int | None:
+    def restore(self, state: TrainState, which: Which = "latest", *, strict: bool = True,
+                verify: bool = True) -> int | None:
         """Load a checkpoint into ``state`` and return its step; None in a folder without one.
 
-        Every tensor is checked against its crc32 first. With ``which='latest'`` (or 'best'), a
-        damaged checkpoint is skipped with a warning in favour of the next good one; a given
-        step is never replaced by another.
+        Every tensor is checked against its crc32 first, before anything is loaded into
+        ``state`` (``verify=False`` skips the check: faster, and blind to damage). With
+        ``which='latest'`` (or 'best'), a damaged checkpoint is skipped with a warning in favour
+        of the next good one; a given step is never replaced by another.
         """
         # -- torchkeep.distributed: in a process group, for a state with DTensors, or when the
         # folder holds checkpoints written by ranks: every rank restores its part ----------------
@@ -504,7 +506,7 @@ class CheckpointManager:
         if distributed.handles(self, state, restoring=True):
             return distributed.ShardedCheckpointing.of(self).restore(state, which, strict=strict)
         # -----------------------------------------------------------------------------------------
-        got = self._load(which, state.allow_pickle)
+        got = self._load(which, state.allow_pickle, verify)
         if got is None:
             if isinstance(which, int):
                 raise StateError(f"no committed checkpoint at step {which}")

@@ -116,9 +116,11 @@ class OptimizerReport:
 
     @property
     def exact(self) -> bool:
-        """True when every parameter's state was carried as is and nothing was removed."""
+        """True when the saved state fits as is: every parameter's state carried under its own
+        name, nothing removed, each group from the saved group at its position (what a plain
+        ``load_state_dict`` would have done)."""
         return all(p.fate == "carried" and p.source == p.name for p in self.params) and \
-            all(not g.changed for g in self.groups)
+            all(g.source == g.group for g in self.groups)
 
     def headline(self) -> str:
         c = self.counts

@@ -27,6 +27,7 @@ The write path is split so that other writers (e.g. one rank of a distributed sa
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import mmap
 import os
@@ -452,27 +453,55 @@ def _map_blob(storage: Storage, path: str, key: str, info: Mapping[str, Any], ve
 
 
 def _load_pack(storage: Storage, path: str, items: Sequence[tuple[str, Mapping[str, Any]]],
-               verify: bool) -> dict[str, torch.Tensor]:
+               verify: bool, errors: list[CorruptCheckpointError] | None = None
+               ) -> dict[str, torch.Tensor]:
+    """The tensors ``items`` of a pack file, read once. With ``errors``, a damaged tensor is
+    recorded there and skipped instead of raising (to report every one)."""
     try:
         data = storage.read_bytes(path)
     except FileNotFoundError:
         raise CorruptCheckpointError("tensor file is missing", path=path) from None
-    import io
     st, start = read_st_header(io.BytesIO(data), path)
     out = {}
     for key, info in items:
-        begin, end = _check_entry(st, key, info, path)
-        if start + end > len(data):
-            raise CorruptCheckpointError(f"tensor ends at byte {start + end}, the file has {len(data)}",
-                                         path=path, entry=key, hint="file truncated?")
-        t = torch.empty(info["shape"], dtype=serial.dtype_from_name(info["dtype"]))
-        buf = tensor_bytes(t)
-        buf[:] = data[start + begin:start + end]
-        if verify and crc32(buf) != info["crc32"]:
-            raise CorruptCheckpointError(f"crc32 mismatch (stored {info['crc32']}, read {crc32(buf)})",
-                                         path=path, entry=key, hint="the file was damaged on disk")
+        try:
+            begin, end = _check_entry(st, key, info, path)
+            if start + end > len(data):
+                raise CorruptCheckpointError(f"tensor ends at byte {start + end}, the file has {len(data)}",
+                                             path=path, entry=key, hint="file truncated?")
+            t = torch.empty(info["shape"], dtype=serial.dtype_from_name(info["dtype"]))
+            buf = tensor_bytes(t)
+            buf[:] = data[start + begin:start + end]
+            if verify and (got := crc32(buf)) != info["crc32"]:
+                raise CorruptCheckpointError(f"crc32 mismatch (stored {info['crc32']}, read {got})",
+                                             path=path, entry=key, hint="the file was damaged on disk")
+        except CorruptCheckpointError as e:
+            if errors is None:
+                raise
+            errors.append(e)
+            continue
         out[key] = t
     return out
+
+
+def _split(storage: Storage, folder: str, manifest: Mapping[str, Any], keys: Iterable[str]
+           ) -> tuple[list[tuple[str, str, Mapping[str, Any]]], dict[str, list[tuple[str, Mapping[str, Any]]]]]:
+    """(blob tensors as (key, path, entry), pack path -> [(key, entry)]) for ``keys``."""
+    table = manifest.get("tensors", {})
+    by_pack: dict[str, list[tuple[str, Mapping[str, Any]]]] = {}
+    blobs: list[tuple[str, str, Mapping[str, Any]]] = []
+    for k in keys:
+        info = table.get(k)
+        if info is None:
+            raise CorruptCheckpointError("the state refers to a tensor the manifest does not list",
+                                         path=folder, entry=k)
+        p = tensor_path(storage, folder, manifest, k)
+        if info.get("blob"):
+            blobs.append((k, p, info))
+        else:
+            by_pack.setdefault(p, []).append((k, info))
+    blobs.sort(key=lambda b: -_nbytes(b[2]))
+    return blobs, by_pack
 
 
 def load_tensors(storage: Storage, folder: str, manifest: Mapping[str, Any],
@@ -495,20 +524,8 @@ def load_tensors(storage: Storage, folder: str, manifest: Mapping[str, Any],
                             verify=verify, threads=threads, mapped=mapped)
         return {k: got[k] if k in got else rest[k] for k in keys}
     # --------------------------------------------------------------------------------------
-    by_pack: dict[str, list[tuple[str, Mapping[str, Any]]]] = {}
-    blobs: list[tuple[str, str, Mapping[str, Any]]] = []
-    for k in keys:
-        info = table.get(k)
-        if info is None:
-            raise CorruptCheckpointError("the state refers to a tensor the manifest does not list",
-                                         path=folder, entry=k)
-        p = tensor_path(storage, folder, manifest, k)
-        if info.get("blob"):
-            blobs.append((k, p, info))
-        else:
-            by_pack.setdefault(p, []).append((k, info))
+    blobs, by_pack = _split(storage, folder, manifest, keys)
     out: dict[str, torch.Tensor] = {}
-    blobs.sort(key=lambda b: -_nbytes(b[2]))
     with ThreadPoolExecutor(max(1, min(threads, len(blobs) + len(by_pack))),
                             thread_name_prefix="torchkeep-read") as pool:
         futs = {pool.submit(_map_blob if k in mapped and storage.local_path(p) else _load_blob,
@@ -551,11 +568,27 @@ def verify_folder(storage: Storage, folder: str, *, deep: bool = False) -> list[
         problems.extend(sharded.verify(storage, folder, manifest))
     table = {k: e for k, e in table.items() if not sharded.is_shard_entry(e)}
     # --------------------------------------------------------------------------------------
-    for key in table:
+    blobs, by_pack = _split(storage, folder, manifest, table)
+    errors: list[CorruptCheckpointError] = []
+
+    def check_blob(item: tuple[str, str, Mapping[str, Any]]) -> None:
+        k, p, info = item
         try:
-            load_tensors(storage, folder, manifest, [key], threads=1)
+            _load_blob(storage, p, k, info, True)
         except CorruptCheckpointError as e:
-            problems.append(Problem(e.path or folder, e.detail, e.entry or key))
+            errors.append(e if e.entry else CorruptCheckpointError(e.detail, path=e.path, entry=k))
+
+    def check_pack(item: tuple[str, list[tuple[str, Mapping[str, Any]]]]) -> None:
+        p, items = item
+        try:
+            _load_pack(storage, p, items, True, errors)
+        except CorruptCheckpointError as e:
+            errors.append(e)
+
+    with ThreadPoolExecutor(IO_THREADS, thread_name_prefix="torchkeep-verify") as pool:
+        list(pool.map(check_blob, blobs))
+        list(pool.map(check_pack, by_pack.items()))
+    problems.extend(Problem(e.path or folder, e.detail, e.entry) for e in errors)
     if deep:
         bdir = blob_folder(storage, folder, manifest)
         for digest in sorted(blob_refs(manifest)):
