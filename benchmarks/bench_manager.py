@@ -157,7 +157,7 @@ def main() -> None:
         ("restore(verify=False) vs torch.load + load_state_dict", med(t_restore_nv),
          med(t_load_apply), "(info)"),
     ]
-    del model, opt, state, reader
+    del model, opt, state
     drop(pt)
 
     # ------------------------------------------------------------------ 90% frozen fine-tuning

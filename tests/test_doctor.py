@@ -181,8 +181,14 @@ def test_scaler_reset(original):
 
 def test_parameters_gained(original):
     folder, _ = original
-    found = resume(folder, make(extra=True), migrate=True)
+    state = make(extra=True)
+    found = resume(folder, state, migrate=True)
     assert found == ["2 parameters gained: fc.4.weight, fc.4.bias; optimizer state fresh for them"]
+    assert doctor.findings(state)[0].severity == "info"  # migrate=True asked for the change
+    # Without a migration (strict=False), the same change is a problem.
+    rec = {"params": {"fc.0.weight": [8, 4]}}
+    (f,) = diagnose(rec, {"params": {"fc.0.weight": [8, 4], "fc.4.bias": [2]}})
+    assert f.severity == "warning" and f.message == "1 parameter gained: fc.4.bias"
 
 
 def test_doctor_cli_reads_the_resume_from_the_folder(original, tmp_path, cli):

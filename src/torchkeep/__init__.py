@@ -54,6 +54,10 @@ _EXPORTS: dict[str, str] = {
     # training state
     "TrainState": "state",
     "CheckpointManager": "manager",
+    "Migration": "migrate",
+    "MigrationReport": "migrate",
+    "OptimizerReport": "migrate",
+    "Finding": "doctor",
     "CheckpointInfo": "manager",
 }
 

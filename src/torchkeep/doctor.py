@@ -407,6 +407,8 @@ def _param_findings(rec: Mapping[str, Any], obs: Mapping[str, Any]) -> list[Find
         return out
     mig = obs.get("migration") or {}
     fates = mig.get("fates") or {}
+    # A restore with migrate=True asked for a changed model: its changes are notes, not problems.
+    changed = "info" if obs.get("migration") is not None else "warning"
     renamed = {t: s for t, s in (mig.get("renamed") or {}).items() if t in op and s in rp and t not in rp}
     taken = set(renamed.values())
     gained = [n for n in op if n not in rp and n not in renamed]
@@ -421,15 +423,15 @@ def _param_findings(rec: Mapping[str, Any], obs: Mapping[str, Any]) -> list[Find
     if gained:
         words = _state_words(gained, fates, obs)
         out.append(Finding("params", f"{_plural(len(gained), 'parameter')} gained: {_names(gained)}"
-                           + (f"; {words}" if words else ""), expected=None, observed=gained))
+                           + (f"; {words}" if words else ""), changed, expected=None, observed=gained))
     if removed:
         out.append(Finding("params", f"{_plural(len(removed), 'parameter')} removed: {_names(removed)}; "
-                           f"their weights and optimizer state were dropped", expected=removed))
+                           f"their weights and optimizer state were dropped", changed, expected=removed))
     if reshaped:
         shown = [f"{n} {fmt_shape(rp[n])} -> {fmt_shape(op[n])}" for n in reshaped]
         words = _state_words(reshaped, fates, obs)
         out.append(Finding("params", f"{_plural(len(reshaped), 'parameter')} reshaped: {_names(shown, 4)}"
-                           + (f"; {words}" if words else ""),
+                           + (f"; {words}" if words else ""), changed,
                            expected={n: rp[n] for n in reshaped}, observed={n: op[n] for n in reshaped}))
     rf, of = rec.get("frozen"), obs.get("frozen")
     if rf is not None and of is not None:
@@ -781,8 +783,11 @@ class FolderReport:
 
     def verdict(self) -> str:
         n = len(self.problems)
+        notes = sum(len(b.findings) for b in self.boundaries) - n
         if n:
-            return f"{_plural(n, 'problem')} found"
+            return f"{_plural(n, 'problem')} found" + (f" (and {_plural(notes, 'note')})" if notes else "")
+        if notes:
+            return f"no problems found ({_plural(notes, 'note')})"
         if any(b.kind == "resume" for b in self.boundaries):
             return "every resume continues its checkpoint exactly"
         return "no problems found"

@@ -287,7 +287,7 @@ class CheckpointManager:
         def copy(pair: tuple[torch.Tensor, torch.Tensor]) -> None:
             buf, t = pair
             with torch.no_grad():
-                buf.copy_(t, non_blocking=t.device.type != "cpu")
+                buf.copy_(t, non_blocking=t.device.type == "cuda")  # pinned: synchronized below
 
         big = [c for c in copies if c[1].nbytes >= 1 << 20 and c[1].device.type == "cpu"]
         rest = [c for c in copies if not (c[1].nbytes >= 1 << 20 and c[1].device.type == "cpu")]

@@ -232,11 +232,13 @@ class TrainState:
 
     def _capture_progress(self) -> dict[str, Any]:
         out: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "position": self.position}
-        if self._loaders:
-            out["loaders"] = {
-                name: {"epoch": p.epoch, "position": p.position, "epoch_start": p.epoch_start,
-                       "generators": _progress.generator_states(self._loaders[name])}
-                for name, p in self._progress.items()}
+        loaders = {name: {"epoch": p.epoch, "position": p.position, "epoch_start": p.epoch_start,
+                          "generators": _progress.generator_states(self._loaders[name])}
+                   for name, p in self._progress.items()}
+        if list(loaders) == [""]:
+            out["loader"] = loaders[""]        # one dataloader: no name level
+        elif loaders:
+            out["loaders"] = loaders
         return out
 
     # -- restore ------------------------------------------------------------------------
@@ -365,7 +367,7 @@ class TrainState:
 
     def _restore_progress(self, prog: Mapping[str, Any], strict: bool) -> None:
         self.step = int(prog.get("step", 0))
-        loaders = prog.get("loaders") or {}
+        loaders = prog.get("loaders") or ({"": prog["loader"]} if "loader" in prog else {})
         if not self._loaders:
             self._epoch = int(prog.get("epoch", 0))
             return
