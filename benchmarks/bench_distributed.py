@@ -103,9 +103,9 @@ def _rank(r: int, n: int, port: int, mb: int, root: str, reps: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--mb", type=int, default=256, help="model + optimizer state, MiB")
+    p.add_argument("--mb", "--size-mb", dest="mb", type=int, default=256, help="model + optimizer state, MiB")
     p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", "--repeat", dest="reps", type=int, default=3)
     args = p.parse_args()
     import torch.multiprocessing as mp
 

@@ -370,19 +370,13 @@ class ShardedCheckpointing:
     # -- save ---------------------------------------------------------------------------------
     def save(self, state: "TrainState | Mapping[str, Any]", step: int | None = None,
              metrics: Mapping[str, Any] | None = None) -> None:
-        from .manager import _plain_metrics
+        from .manager import _plain_metrics, resolve_step
         from .state import TrainState
 
         m = self.manager
         m._check_open()
         m.wait()
-        if step is None:
-            if not isinstance(state, TrainState):
-                raise StateError("save() of a plain mapping needs step=")
-            step = state.step
-        step = int(step)
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
+        step = resolve_step(state, step)
         local = m.storage.local_path(m.root)
         if local is None:
             raise StateError("checkpoints of a process group need a local or shared folder",

@@ -64,6 +64,20 @@ class _Entry:
     refs: dict[str, int] | None = None   # blob digest -> crc32, None until the manifest is read
 
 
+def resolve_step(state: Any, step: int | None) -> int:
+    """The step a save is filed under: given, or the TrainState's own global step."""
+    from .state import TrainState
+
+    if step is None:
+        if not isinstance(state, TrainState):
+            raise StateError("save() of a plain mapping needs step=")
+        step = state.step
+    step = int(step)
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return step
+
+
 def _plain_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in (metrics or {}).items():
@@ -222,13 +236,7 @@ class CheckpointManager:
             return distributed.ShardedCheckpointing.of(self).save(state, step, metrics)
         # -----------------------------------------------------------------------------------------
         self.wait()
-        if step is None:
-            if not isinstance(state, TrainState):
-                raise StateError("save() of a plain mapping needs step=")
-            step = state.step
-        step = int(step)
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
+        step = resolve_step(state, step)
         self._begin_writing()
         if isinstance(state, TrainState):
             tree, allow = state.capture(), state.allow_pickle

@@ -43,6 +43,15 @@ class TensorRef:
         return self.reader.load([self], device)[0]
 
 
+def contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
+    """Row-major strides of ``shape`` (what a contiguous tensor of that shape has)."""
+    stride, acc = [], 1
+    for s in reversed(shape):
+        stride.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(stride))
+
+
 class Reader(abc.ABC):
     """One on-disk format. Knows bytes, not policy: it builds the tree and reads tensor bytes."""
 

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from ..errors import CorruptCheckpointError, FormatError
-from .base import Reader, TensorRef
+from .base import contiguous_stride as _contiguous_stride, Reader, TensorRef
 
 log = logging.getLogger(__name__)
 
@@ -321,14 +321,6 @@ def _aliases_from(header: Header, path: str) -> list[Alias]:
                     path=path)
         checked.append(Alias(a.name, a.base, tuple(shape), a.offset, stride))
     return checked
-
-
-def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
-    stride, acc = [], 1
-    for s in reversed(shape):
-        stride.append(acc)
-        acc *= max(s, 1)
-    return tuple(reversed(stride))
 
 
 class SafetensorsReader(Reader):

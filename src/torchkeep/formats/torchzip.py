@@ -17,7 +17,7 @@ import torch
 
 from ..errors import CorruptCheckpointError, FormatError
 from ..safety import GlobalRef, StorageRef, StorageType, restricted_load_with_globals
-from .base import Reader, TensorRef
+from .base import contiguous_stride as _contiguous_stride, Reader, TensorRef
 
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 _LOCAL_SIG = b"PK\x03\x04"
@@ -53,14 +53,6 @@ def materialize(buf: torch.Tensor, ref: TensorRef, *, path: str, name: str) -> t
                 path=path, entry=name, hint="file truncated or damaged?")
         return typed.as_strided(ref.shape, stride, ref.offset)
     return torch.empty(ref.shape, dtype=ref.dtype)
-
-
-def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
-    stride, acc = [], 1
-    for s in reversed(shape):
-        stride.append(acc)
-        acc *= max(s, 1)
-    return tuple(reversed(stride))
 
 
 class TorchZipReader(Reader):
