@@ -30,7 +30,7 @@ def bench(label: str, sd: dict, d: str, repeat: int) -> list:
     t_sd = median_time(lambda: touch(torchkeep.open(path).state_dict().values()), repeat)
     drop(path)
     return [
-        (f"{label}: entries() vs torch.load", t_entries, t_load, "<= 0.02"),
+        (f"{label}: entries() vs torch.load", t_entries, t_load, "<= 0.02" if "MiB" in label else "(info: the 2% target is for ~1 GiB)"),
         (f"{label}: state_dict(mmap=True)+touch vs torch.load(mmap)+touch", t_sd_mmap, t_mmap, "<= 1.10"),
         (f"{label}: state_dict()+touch vs torch.load()+touch (both copy)", t_sd, t_copy, "(info)"),
     ]
