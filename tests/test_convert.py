@@ -18,7 +18,7 @@ import torchkeep
 from torchkeep.convert import convert, parse_size
 from torchkeep.errors import CorruptCheckpointError, FormatError
 
-convert_mod = importlib.import_module("torchkeep.convert")
+writing_mod = importlib.import_module("torchkeep.writing")
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8,
           torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128,
@@ -225,7 +225,7 @@ def test_failure_mid_write_leaves_the_old_file(tmp_path, monkeypatch):
     convert({"a": torch.ones(3)}, dst)
     before = dst.read_bytes()
     calls = {"n": 0}
-    real = convert_mod._Feeder.get
+    real = writing_mod._Feeder.get
 
     def flaky(self, it):
         calls["n"] += 1
@@ -233,7 +233,7 @@ def test_failure_mid_write_leaves_the_old_file(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(self, it)
 
-    monkeypatch.setattr(convert_mod._Feeder, "get", flaky)
+    monkeypatch.setattr(writing_mod._Feeder, "get", flaky)
     with pytest.raises(OSError, match="No space left"):
         convert({"a": torch.zeros(3), "b": torch.zeros(2)}, dst, overwrite=True)
     assert dst.read_bytes() == before and _leftovers(tmp_path) == []

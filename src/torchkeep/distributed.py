@@ -20,8 +20,9 @@ whose parameters are DTensors: FSDP2 ``fully_shard``, tensor parallel) saves and
   and agrees on the newest good one; DCP reshards on load, so 2 ranks' checkpoint restores on 1
   or on 3.
 
-The rank helpers work without a process group (rank 0 of 1), so the same training script runs
-under ``torchrun`` and as a plain process.
+The rank helpers (:mod:`torchkeep.ranks`) work without a process group (rank 0 of 1), so the
+same training script runs under ``torchrun`` and as a plain process; the canonical form of the
+model and optimizer is :mod:`torchkeep.canonical`'s job. Both are re-exported here.
 """
 from __future__ import annotations
 
@@ -30,20 +31,23 @@ import io
 import logging
 import os
 import pickle
-import sys
 import threading
 import time
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from . import serial
+from .canonical import (LAYOUT, _as_dict, _canonical_parts, _detached, _optimizer_owners,
+                        _path, capture, has_dtensors)
 from .errors import CorruptCheckpointError, StateError, UnsafeCheckpointError
 from .formats import native, sharded
 from .formats.dcp import METADATA as DCP_METADATA
+from .ranks import (_dist, all_gather_object, barrier, broadcast_object, gather_object,
+                    is_distributed, is_dtensor, is_main, local_rank, rank, world_size)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .convert import ConvertResult
@@ -51,202 +55,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .state import TrainState
 
 log = logging.getLogger(__name__)
-
-LAYOUT = "canonical"   # model/optimizer as get_state_dict gives them
-
-
-# -- ranks -------------------------------------------------------------------------------------
-
-def _dist() -> Any:
-    import torch.distributed as dist
-    return dist
-
-
-def is_distributed() -> bool:
-    """True inside an initialized ``torch.distributed`` process group."""
-    dist = _dist()
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    """This process's rank (0 without a process group)."""
-    return _dist().get_rank() if is_distributed() else 0
-
-
-def world_size() -> int:
-    """Number of ranks (1 without a process group)."""
-    return _dist().get_world_size() if is_distributed() else 1
-
-
-def local_rank() -> int:
-    """Rank on this machine, from torchrun's ``LOCAL_RANK`` (0 when not set)."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def is_main() -> bool:
-    """True on rank 0 (and in a process without a process group)."""
-    return rank() == 0
-
-
-def barrier(group: Any = None) -> None:
-    """Wait for every rank (a no-op without a process group)."""
-    if is_distributed():
-        _dist().barrier(group=group)
-
-
-def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
-    """``obj`` of rank ``src`` on every rank (pickled in memory; never from a file)."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    _dist().broadcast_object_list(box, src=src, group=group)
-    return box[0]
-
-
-def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
-    """Every rank's ``obj``, in rank order, on every rank."""
-    if not is_distributed():
-        return [obj]
-    dist = _dist()
-    out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out
-
-
-def gather_object(obj: Any, dst: int = 0, group: Any = None) -> list[Any] | None:
-    """Every rank's ``obj`` on rank ``dst`` (None on the others)."""
-    if not is_distributed():
-        return [obj]
-    dist = _dist()
-    me = dist.get_rank()
-    out: list[Any] | None = [None] * dist.get_world_size(group) if me == dst else None
-    dist.gather_object(obj, out, dst=dst, group=group)
-    return out
-
-
-def _dtensor_cls() -> type | None:
-    """DTensor when torch.distributed.tensor is loaded (a state cannot hold one otherwise)."""
-    mod = sys.modules.get("torch.distributed.tensor")
-    return getattr(mod, "DTensor", None) if mod is not None else None
-
-
-def is_dtensor(t: Any) -> bool:
-    cls = _dtensor_cls()
-    return cls is not None and isinstance(t, cls)
-
-
-# -- the objects of a TrainState ---------------------------------------------------------------
-
-def _as_dict(value: Any) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if isinstance(value, Mapping) and not isinstance(value, torch.nn.Module):
-        return dict(value)
-    return {"": value}
-
-
-def _path(part: str, name: str) -> str:
-    return f"{part}.{name}" if name else part
-
-
-def has_dtensors(state: Any) -> bool:
-    """True when a model of ``state`` (a TrainState) has DTensor parameters or buffers."""
-    if _dtensor_cls() is None:
-        return False
-    for m in _as_dict(getattr(state, "model", None)).values():
-        if isinstance(m, torch.nn.Module):
-            for t in (*m.parameters(), *m.buffers()):
-                if is_dtensor(t):
-                    return True
-    return False
-
-
-@contextlib.contextmanager
-def _detached(state: "TrainState", *parts: str) -> Iterator[None]:
-    """``state`` without ``parts`` for the duration (its own capture/restore then skip them)."""
-    saved = {p: getattr(state, p) for p in parts}
-    try:
-        for p in parts:
-            setattr(state, p, None)
-        yield
-    finally:
-        for p, v in saved.items():
-            setattr(state, p, v)
-
-
-def _optimizer_owners(state: "TrainState") -> dict[str, tuple[str, torch.nn.Module, Any]]:
-    """optimizer name -> (model name, model, optimizer): the model holding all its parameters."""
-    models = {n: m for n, m in _as_dict(state.model).items() if isinstance(m, torch.nn.Module)}
-    out = {}
-    for oname, opt in _as_dict(state.optimizer).items():
-        ids = {id(p) for g in opt.param_groups for p in g["params"]}
-        for mname, m in models.items():
-            if ids <= {id(p) for p in m.parameters()}:
-                out[oname] = (mname, m, opt)
-                break
-        else:
-            raise StateError("the optimizer's parameters are not all in one model of this TrainState",
-                             entry=_path("optimizer", oname),
-                             hint="pass the model(s) it optimizes as model= (a dict for several)")
-    return out
-
-
-def _optimizer_state_dict(model: torch.nn.Module, opt: Any, *, init: bool = False) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import _get_fqns, get_optimizer_state_dict
-
-    if opt.state or init:  # init: for restoring, the state tensors DCP loads into must exist
-        return get_optimizer_state_dict(model, opt)
-    # Nothing stepped yet. get_optimizer_state_dict would make the state with a zero-gradient
-    # step (Adam's step count would become 1 and the resumed run would differ): name the
-    # parameters of each group ourselves instead.
-    names = {}
-    for n, p in model.named_parameters():
-        names.setdefault(id(p), sorted(_get_fqns(model, n))[0])
-    groups = []
-    for g in opt.state_dict()["param_groups"]:
-        groups.append(dict(g))
-    for g, live in zip(groups, opt.param_groups):
-        g["params"] = [names[id(p)] for p in live["params"]]
-        g.pop("param_names", None)
-    return {"state": {}, "param_groups": groups}
-
-
-def _canonical_parts(state: "TrainState", *, restoring: bool = False) -> dict[str, Any]:
-    """``{'model': ..., 'optimizer': ...}`` as ``get_state_dict`` gives them (live tensors,
-    DTensors where sharded), shaped like :meth:`TrainState.capture` (one object: no name level).
-    ``restoring``: optimizers that have not stepped get their state tensors made (to load into)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    out: dict[str, Any] = {}
-    models = _as_dict(state.model)
-    if models:
-        msd = {}
-        for name, m in models.items():
-            if not isinstance(m, torch.nn.Module):
-                raise StateError(f"expected a torch.nn.Module, got {type(m).__name__}",
-                                 entry=_path("model", name))
-            msd[name] = get_model_state_dict(m)
-        out["model"] = msd[""] if list(msd) == [""] else msd
-    owners = _optimizer_owners(state)
-    if owners:
-        osd = {name: _optimizer_state_dict(m, opt, init=restoring) for name, (_, m, opt) in owners.items()}
-        out["optimizer"] = osd[""] if list(osd) == [""] else osd
-    return out
-
-
-def capture(state: "TrainState") -> dict[str, Any]:
-    """:meth:`TrainState.capture` with model and optimizer in the canonical, rank-independent
-    form of ``torch.distributed.checkpoint.state_dict`` (live tensors, DTensors where sharded)."""
-    with _detached(state, "model", "optimizer"):
-        tree = state.capture()
-    types_ = tree.setdefault("meta", {}).setdefault("types", {})
-    for part in ("model", "optimizer"):
-        for name, obj in _as_dict(getattr(state, part)).items():
-            t = type(obj)
-            types_[_path(part, name)] = f"{t.__module__}.{t.__qualname__}"
-    tree["meta"]["layout"] = LAYOUT
-    parts = _canonical_parts(state)
-    return {**parts, **tree}
 
 
 # -- reading DCP metadata without running code ---------------------------------------------------
@@ -813,6 +621,6 @@ def consolidate(src: str | os.PathLike, dst: str | os.PathLike, *, step: int | N
         ck.close()
 
 
-__all__ = ["is_distributed", "rank", "world_size", "local_rank", "is_main", "barrier",
+__all__ = ["LAYOUT", "is_distributed", "rank", "world_size", "local_rank", "is_main", "barrier",
            "broadcast_object", "all_gather_object", "gather_object", "is_dtensor", "has_dtensors",
            "capture", "handles", "ShardedCheckpointing", "consolidate"]

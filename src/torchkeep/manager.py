@@ -129,6 +129,12 @@ class CheckpointManager:
         self._last_save = time.monotonic()
         self._handlers: dict[int, Any] = {}
         self._closed = False
+        # -- torchkeep.migrate / torchkeep.doctor: what the latest restore() migrated and found, and
+        # the fingerprint of each save until its commit record is written -----------------------
+        self.migration: Any = None     # migrate.MigrationReport of restore(migrate=...), else None
+        self.findings: list[Any] = []  # doctor.Finding list of the latest restore()
+        self._fingerprints: dict[int, dict[str, Any]] = {}
+        # -------------------------------------------------------------------------------------------
 
     # -- policy ---------------------------------------------------------------------------
     def should_save(self, step: int) -> bool:
@@ -238,6 +244,12 @@ class CheckpointManager:
         self.wait()
         step = resolve_step(state, step)
         self._begin_writing()
+        # -- torchkeep.doctor: the run's fingerprint, checked when a run resumes from here ---------
+        if isinstance(state, TrainState):
+            from . import doctor
+            with self._mutex:
+                self._fingerprints[step] = doctor.record(state)
+        # -------------------------------------------------------------------------------------------
         if isinstance(state, TrainState):
             tree, allow = state.capture(), state.allow_pickle
         else:
@@ -348,6 +360,10 @@ class CheckpointManager:
         res = self.writer.write(folder, snap, known=known, meta=meta, hints=hints)
         record = {"step": step, "created": created, "metrics": mjson,
                   "manifest_sha256": res.manifest_sha256, "nbytes": res.nbytes, "written": res.written}
+        with self._mutex:  # torchkeep.doctor: the fingerprint goes into the commit record
+            fingerprint = self._fingerprints.pop(step, None)
+        if fingerprint is not None:
+            record["doctor"] = fingerprint
         native.commit(st, folder, record)
         info = CheckpointInfo(step, folder, created, plain, res.nbytes, res.written)
         with self._mutex:
@@ -500,13 +516,20 @@ class CheckpointManager:
                                          path=folder) from None
 
     def restore(self, state: TrainState, which: Which = "latest", *, strict: bool = True,
-                verify: bool = True) -> int | None:
+                verify: bool = True,
+                migrate: Any = False) -> int | None:
         """Load a checkpoint into ``state`` and return its step; None in a folder without one.
 
         Every tensor is checked against its crc32 first, before anything is loaded into
         ``state`` (``verify=False`` skips the check: faster, and blind to damage). With
         ``which='latest'`` (or 'best'), a damaged checkpoint is skipped with a warning in favour
         of the next good one; a given step is never replaced by another.
+
+        ``migrate=True`` (or a :class:`torchkeep.migrate.Migration` with transfer options) restores
+        into a model that changed since the save: weights through the transfer plan, optimizer
+        state by parameter name; :attr:`migration` reports every tensor's and parameter's fate.
+        The restored state is checked against the fingerprint saved with the checkpoint, now and
+        at its first batch; :attr:`findings` and logged warnings name each divergence.
         """
         # -- torchkeep.distributed: in a process group, for a state with DTensors, or when the
         # folder holds checkpoints written by ranks: every rank restores its part ----------------
@@ -520,8 +543,29 @@ class CheckpointManager:
                 raise StateError(f"no committed checkpoint at step {which}")
             return None
         info, tree = got
-        state.restore(tree, strict=strict)
+        # -- torchkeep.migrate / torchkeep.doctor: a changed model restored by name; the restored
+        # run checked against the checkpoint's fingerprint (now, and at its first batch) ---------
+        from . import doctor, migrate as _migrate
+        if migrate:
+            self.migration = _migrate.restore_with_migration(state, tree, strict=strict,
+                                                             options=migrate, step=info.step)
+        else:
+            state.restore(tree, strict=strict)
+            self.migration = None
+        try:
+            recorded = (native.read_commit(self.storage, info.path) or {}).get("doctor")
+        except CorruptCheckpointError:
+            recorded = None
+        self.findings = doctor.after_restore(state, recorded, info.step, migration=self.migration)
+        # -------------------------------------------------------------------------------------------
         return info.step
+
+    def doctor(self, state: TrainState) -> list[Any]:
+        """Compare ``state`` now with the checkpoint :meth:`restore` restored it from: a list of
+        :class:`torchkeep.doctor.Finding` naming each divergence (empty when it matches).
+        Call it just before the training loop."""
+        from . import doctor
+        return doctor.check(state)
 
     # -- lifetime -------------------------------------------------------------------------
     def _check_open(self) -> None:

@@ -20,9 +20,11 @@ Opening a manager's root folder (rather than one ``step-*`` folder) opens its ne
 checkpoint; ``metadata['checkpoint']`` names the folder that was chosen. That choice does not
 verify tensor bytes; ``CheckpointManager.restore`` does and falls back to older checkpoints.
 
-The write path is split so that other writers (e.g. one rank of a distributed save) can take part:
-:class:`NativeWriter` writes the blobs, the small-tensor pack and the manifest of one folder;
-:func:`commit` (called once, after every writer finished) makes the checkpoint exist.
+This module reads and verifies folders (and is the :class:`NativeReader`); the layout lives in
+:mod:`.nativelayout` and the write path in :mod:`.nativewrite`, split so that other writers (e.g.
+one rank of a distributed save) can take part: :class:`NativeWriter` writes the blobs, the
+small-tensor pack and the manifest of one folder; :func:`commit` (called once, after every
+writer finished) makes the checkpoint exist. Both are re-exported here (``native.commit``...).
 """
 from __future__ import annotations
 
@@ -31,290 +33,21 @@ import io
 import json
 import mmap
 import os
-import struct
-import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Container, Iterable, Mapping, Sequence
 
 import torch
 
 from .. import serial
-from ..errors import CorruptCheckpointError, FormatError, StateError
-from ..store import BlobStore, Storage, crc32, is_tmp, sha256_parts, storage_for, tensor_bytes
+from ..errors import CorruptCheckpointError, FormatError
+from ..store import Storage, crc32, storage_for, tensor_bytes
 from .base import Reader, TensorRef
-
-FORMAT = "torchkeep"
-VERSION = 1
-MANIFEST = "manifest.json"
-COMMIT = "commit.json"
-PACK = "tensors.safetensors"
-BLOB_DIR = "blobs"
-STEP_PREFIX = "step-"
-BLOB_MIN_BYTES = 64 << 10   # tensors at least this large get their own deduplicated blob
-IO_THREADS = 4              # hashing, crc32, writes and reads release the GIL
-
-_ST_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL", torch.complex64: "C64",
-    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-    torch.float8_e4m3fnuz: "F8_E4M3FNUZ", torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
-}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-MAX_HEADER = 100 << 20
-
-
-def step_dirname(step: int) -> str:
-    return f"{STEP_PREFIX}{step:08d}"
-
-
-def parse_step(name: str) -> int | None:
-    """The step of a checkpoint folder name (``step-00000100`` -> 100), None for other names."""
-    if not name.startswith(STEP_PREFIX) or is_tmp(name):
-        return None
-    digits = name[len(STEP_PREFIX):]
-    return int(digits) if digits.isdigit() else None
-
-
-# ----------------------------------------------------------------------------- safetensors bytes
-
-def st_header(items: Sequence[tuple[str, torch.dtype, Sequence[int], int]],
-              metadata: Mapping[str, str] | None = None) -> bytes:
-    """A safetensors header (length prefix + JSON padded to 8 bytes) for tensors laid out in order.
-
-    Deterministic for the same items, so a blob's name (the sha256 of header and data) depends
-    on dtype, shape and bytes only.
-    """
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    off = 0
-    for name, dtype, shape, n in items:
-        if dtype not in _ST_DTYPES:
-            raise StateError(f"safetensors cannot hold dtype {dtype}", entry=name)
-        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": [int(s) for s in shape],
-                        "data_offsets": [off, off + n]}
-        off += n
-    js = json.dumps(header, separators=(",", ":")).encode()
-    js += b" " * (-len(js) % 8)
-    return struct.pack("<Q", len(js)) + js
-
-
-def _read_exact(f, n: int, path: str, what: str) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise CorruptCheckpointError(f"{what}: expected {n} bytes, the file ends after {len(data)}",
-                                     path=path, hint="file truncated?")
-    return data
-
-
-def read_st_header(f, path: str) -> tuple[dict[str, Any], int]:
-    """The parsed header of a safetensors stream and the offset where its data starts."""
-    (n,) = struct.unpack("<Q", _read_exact(f, 8, path, "safetensors length prefix"))
-    if n > MAX_HEADER:
-        raise CorruptCheckpointError(f"safetensors header claims {n} bytes", path=path,
-                                     hint="not a safetensors file, or damaged")
-    try:
-        header = json.loads(_read_exact(f, n, path, "safetensors header"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpointError(f"safetensors header is not JSON: {e}", path=path) from None
-    if not isinstance(header, dict):
-        raise CorruptCheckpointError("safetensors header is not an object", path=path)
-    return header, 8 + n
-
-
-def _check_entry(st: Mapping[str, Any], name: str, info: Mapping[str, Any], path: str) -> tuple[int, int]:
-    """Offsets of ``name`` in a safetensors header, checked against the manifest's entry."""
-    e = st.get(name)
-    if not isinstance(e, dict):
-        raise CorruptCheckpointError("tensor missing from its file", path=path, entry=name)
-    dtype = serial.dtype_from_name(info["dtype"])
-    if _ST_NAMES.get(e.get("dtype")) != dtype or list(e.get("shape", ())) != list(info["shape"]):
-        raise CorruptCheckpointError(
-            f"file holds {e.get('dtype')} {e.get('shape')}, the manifest says {info['dtype']} {info['shape']}",
-            path=path, entry=name)
-    begin, end = e["data_offsets"]
-    if end - begin != _nbytes(info):
-        raise CorruptCheckpointError(f"declares {end - begin} bytes, expected {_nbytes(info)}",
-                                     path=path, entry=name)
-    return begin, end
-
-
-def _nbytes(info: Mapping[str, Any]) -> int:
-    n = serial.dtype_from_name(info["dtype"]).itemsize
-    for s in info["shape"]:
-        n *= s
-    return n
-
-
-# ----------------------------------------------------------------------------- writing
-
-@dataclass
-class Snapshot:
-    """One checkpoint's content, frozen: the typed-JSON tree and the tensors it refers to.
-
-    The tensors are contiguous CPU tensors that nobody changes until the write is done (copies
-    for an asynchronous save; the live tensors for a synchronous one).
-    """
-
-    tree: Any
-    tensors: dict[str, torch.Tensor]
-    devices: dict[str, str] = field(default_factory=dict)   # key -> device it was captured on
-    nbytes: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.nbytes:
-            self.nbytes = sum(t.nbytes for t in self.tensors.values())
-
-
-@dataclass
-class WriteResult:
-    """What :meth:`NativeWriter.write` left in a folder (not committed yet)."""
-
-    folder: str
-    manifest_sha256: str
-    blobs: dict[str, int]      # digest -> crc32 of every blob the manifest refers to
-    nbytes: int                # bytes of all tensors in the checkpoint
-    written: int               # bytes actually written (new blobs, the pack, the manifest)
-    entries: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> manifest entry
-
-
-class NativeWriter:
-    """Writes one checkpoint folder of the native format: new blobs, the pack, the manifest.
-
-    Large tensors are hashed (sha256 of their safetensors file) and written only if no kept
-    checkpoint holds the same bytes (``known``: digest -> crc32). Hashing, crc32 and writes run
-    on a few threads so that hashing one tensor overlaps writing another. Every file is durable
-    (fsynced, renamed, folders synced) when ``write`` returns; the commit is left to :func:`commit`.
-
-    ``hints`` (key -> (digest, crc32)) name tensors the caller believes unchanged since a kept
-    checkpoint (same storage, same version counter). For those, crc32 (about 2.5x faster than
-    sha256) decides: equal -> the kept blob is reused without hashing; else the tensor is
-    hashed like any other. A wrong belief costs nothing; only a tensor changed behind torch's
-    version counter *and* colliding in crc32 (2**-32) would be missed.
-    """
-
-    def __init__(self, storage: Storage, blobs: BlobStore, *, threads: int = IO_THREADS,
-                 blob_min_bytes: int = BLOB_MIN_BYTES) -> None:
-        self.storage = storage
-        self.blobs = blobs
-        self.threads = threads
-        self.blob_min_bytes = blob_min_bytes
-
-    def write(self, folder: str, snap: Snapshot, *, known: Mapping[str, int],
-              meta: Mapping[str, Any],
-              extra_tensors: Mapping[str, Mapping[str, Any]] | None = None,
-              hints: Mapping[str, tuple[str, int]] | None = None) -> WriteResult:
-        # ``extra_tensors``: manifest entries of tensors whose bytes other writers put in the
-        # folder (torchkeep.distributed: each rank's shards, see formats/sharded.py).
-        st = self.storage
-        st.makedirs(folder)
-        st.makedirs(self.blobs.folder)
-        small = [(k, t) for k, t in snap.tensors.items() if t.nbytes < self.blob_min_bytes]
-        large = [(k, t) for k, t in snap.tensors.items() if t.nbytes >= self.blob_min_bytes]
-        lock = threading.Lock()
-        claimed: set[str] = set()
-        written = [0]
-        entries: dict[str, dict[str, Any]] = {}
-        refs: dict[str, int] = {}
-
-        def info(key: str, t: torch.Tensor, crc: int) -> dict[str, Any]:
-            e = {"dtype": serial.dtype_name(t.dtype), "shape": list(t.shape), "crc32": crc}
-            if key in snap.devices:
-                e["device"] = snap.devices[key]
-            return e
-
-        def put(item: tuple[str, torch.Tensor]) -> tuple[str, dict[str, Any], str, int]:
-            key, t = item
-            mv = tensor_bytes(t)
-            crc = None
-            hint = hints.get(key) if hints else None
-            if hint is not None:
-                crc = crc32(mv)
-                h_digest, h_crc = hint
-                if crc == h_crc and known.get(h_digest) == crc and self.blobs.has(h_digest):
-                    e = info(key, t, crc)
-                    e["blob"] = h_digest
-                    return key, e, h_digest, crc
-            header = st_header([("data", t.dtype, t.shape, len(mv))])
-            digest = sha256_parts((header, mv))
-            with lock:
-                if digest in known and self.blobs.has(digest):
-                    crc, new = known[digest], False
-                elif digest in claimed:
-                    new = False
-                else:
-                    claimed.add(digest)
-                    new = True
-            if crc is None:
-                crc = crc32(mv)
-            if new:
-                self.blobs.put(digest, (header, mv))
-                with lock:
-                    written[0] += len(header) + len(mv)
-            e = info(key, t, crc)
-            e["blob"] = digest
-            return key, e, digest, crc
-
-        # Largest first: the long jobs start early and the small ones fill the gaps.
-        large.sort(key=lambda kt: -kt[1].nbytes)
-        with ThreadPoolExecutor(max(1, self.threads), thread_name_prefix="torchkeep-io") as pool:
-            futures = [pool.submit(put, item) for item in large]
-            pack_future = pool.submit(self._write_pack, folder, small) if small else None
-            for f in futures:
-                key, e, digest, crc = f.result()
-                entries[key] = e
-                refs[digest] = crc
-            if pack_future is not None:
-                crcs, n = pack_future.result()
-                written[0] += n
-                for key, t in small:
-                    e = info(key, t, crcs[key])
-                    e["file"] = PACK
-                    entries[key] = e
-        manifest = {
-            "format": FORMAT, "version": VERSION, "kind": "training-state",
-            **{k: v for k, v in meta.items()},
-            "blobs": "../" + BLOB_DIR,
-            "tensors": {**{k: entries[k] for k in snap.tensors}, **dict(extra_tensors or {})},
-            "state": snap.tree,
-        }
-        data = json.dumps(manifest, separators=(",", ":"), allow_nan=False).encode()
-        st.write_file(st.join(folder, MANIFEST), [data], sync_dir=False)
-        written[0] += len(data)
-        if large:
-            self.blobs.sync()
-        st.sync_dir(folder)
-        return WriteResult(folder, hashlib.sha256(data).hexdigest(), refs, snap.nbytes, written[0],
-                           entries)
-
-    def _write_pack(self, folder: str, small: list[tuple[str, torch.Tensor]]) -> tuple[dict[str, int], int]:
-        views = [(k, t, tensor_bytes(t)) for k, t in small]
-        header = st_header([(k, t.dtype, t.shape, len(mv)) for k, t, mv in views],
-                           {"format": FORMAT})
-        crcs = {k: crc32(mv) for k, _, mv in views}
-        self.storage.write_file(self.storage.join(folder, PACK), [header, *(mv for _, _, mv in views)],
-                                sync_dir=False)
-        return crcs, len(header) + sum(len(mv) for _, _, mv in views)
-
-
-def commit(storage: Storage, folder: str, record: Mapping[str, Any]) -> None:
-    """Write the commit record of ``folder``, last: from now on the checkpoint exists."""
-    data = json.dumps({"format": FORMAT, "version": VERSION, **record}, separators=(",", ":"),
-                      allow_nan=False).encode()
-    storage.write_file(storage.join(folder, COMMIT), [data], sync_dir=True)
-
-
-def uncommit(storage: Storage, folder: str) -> None:
-    """Remove the commit record first (durably), so a crash while deleting leaves no half checkpoint."""
-    path = storage.join(folder, COMMIT)
-    if storage.exists(path):
-        storage.remove(path)
-        storage.sync_dir(folder)
-
+from .nativelayout import (BLOB_DIR, BLOB_MIN_BYTES, COMMIT, FORMAT, IO_THREADS, MANIFEST,
+                           MAX_HEADER, PACK, STEP_PREFIX, VERSION, _check_entry, _nbytes,
+                           parse_step, read_st_header, st_header, step_dirname)
+from .nativewrite import NativeWriter, Snapshot, WriteResult, commit, uncommit
 
 # ----------------------------------------------------------------------------- reading
 
@@ -738,3 +471,14 @@ class NativeReader(Reader):
                 out.append(p)
         return out
 
+
+__all__ = [
+    # the layout (nativelayout) and the write path (nativewrite), re-exported
+    "FORMAT", "VERSION", "MANIFEST", "COMMIT", "PACK", "BLOB_DIR", "STEP_PREFIX", "BLOB_MIN_BYTES",
+    "IO_THREADS", "MAX_HEADER", "step_dirname", "parse_step", "st_header", "read_st_header",
+    "Snapshot", "WriteResult", "NativeWriter", "commit", "uncommit",
+    # reading and verification
+    "READ_CHUNK", "read_json", "read_commit", "read_manifest", "blob_folder", "blob_refs",
+    "tensor_path", "load_tensors", "Problem", "verify_folder", "committed_steps", "is_manifest",
+    "NativeReader",
+]
