@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import drop, parser, report, tmpdir  # noqa: E402
 
 from torchkeep import CheckpointManager, TrainState  # noqa: E402
+from torchkeep.store import fsync_path  # noqa: E402
 
 H = 1024
 LAYER_BYTES = 12 * H * H * 4 + 13 * H * 4
@@ -80,14 +81,6 @@ def nbytes(model, opt) -> int:
     return n
 
 
-def fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -113,7 +106,7 @@ def main() -> None:
         step(opt)
         t = timed(lambda: torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, pt))
         t_save.append(t)
-        t_save_sync.append(t + timed(lambda: fsync(pt)))
+        t_save_sync.append(t + timed(lambda: fsync_path(pt)))
     state = TrainState(model=model, optimizer=opt)
 
     mgr = CheckpointManager(os.path.join(d, "async"), keep_last=2, async_save=True)

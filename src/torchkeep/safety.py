@@ -188,6 +188,31 @@ class StorageRef:
     offset: int = 0  # in elements of dtype, for legacy storage views
 
 
+def storage_from_pid(pid: Any, reader: Any, storages: dict[str, StorageRef], *, path: str,
+                     fields: int) -> tuple[str, StorageRef | None, tuple]:
+    """Interpret a torch persistent id ``('storage', type, key, location, numel, ...)``.
+
+    Returns (typename, the storage, for 'storage' ids, shared through ``storages`` by key, and
+    the fields after numel). ``fields`` is how many fields a 'storage' id must have."""
+    if not isinstance(pid, tuple) or not pid:
+        raise CorruptCheckpointError(f"malformed persistent id {pid!r}", path=path)
+    typename = pid[0].decode("ascii") if isinstance(pid[0], bytes) else pid[0]
+    if typename != "storage":
+        return typename, None, pid[1:]
+    if len(pid) < fields:
+        raise CorruptCheckpointError(f"persistent id {pid!r} has {len(pid)} fields, expected {fields}",
+                                     path=path)
+    storage_type, key, location, numel = pid[1:5]
+    if not isinstance(storage_type, StorageType):
+        raise CorruptCheckpointError(f"storage {key!r} has unknown type {storage_type!r}", path=path)
+    key = str(key)
+    ref = storages.get(key)
+    if ref is None:
+        ref = StorageRef(reader, key, storage_type.dtype, int(numel), str(location))
+        storages[key] = ref
+    return typename, ref, pid[5:]
+
+
 def _tensor_ref(storage: Any, storage_offset: int, size: Any, stride: Any, requires_grad: bool,
                 dtype: torch.dtype | None = None) -> Any:
     if not isinstance(storage, StorageRef):

@@ -19,13 +19,16 @@ if TYPE_CHECKING:  # pragma: no cover
 TMP_MARK = ".tmp-"
 
 
-def fsync_dir(path: str) -> None:
-    """Make a rename or unlink inside ``path`` durable."""
+def fsync_path(path: str) -> None:
+    """fsync a file, or a folder (which makes a rename or unlink inside it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+fsync_dir = fsync_file = fsync_path
 
 
 def tmp_name(path: str) -> str:
@@ -55,14 +58,6 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-def fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_tree(path: str) -> None:

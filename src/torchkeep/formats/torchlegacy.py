@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import CorruptCheckpointError, FormatError
-from ..safety import GlobalRef, StorageRef, StorageType, restricted_load_with_globals
+from ..safety import GlobalRef, StorageRef, restricted_load_with_globals, storage_from_pid
 from .base import Reader, TensorRef
 from .torchzip import materialize, pread_into
 
@@ -116,25 +116,15 @@ class LegacyReader(Reader):
         return self._parse()
 
     def _persistent_load(self, pid: Any) -> Any:
-        if not isinstance(pid, tuple) or not pid:
-            raise CorruptCheckpointError(f"malformed persistent id {pid!r}", path=self.path)
-        typename = pid[0].decode("ascii") if isinstance(pid[0], bytes) else pid[0]
+        typename, root, rest = storage_from_pid(pid, self, self._storages, path=self.path, fields=6)
         if typename == "module":
-            return pid[1] if len(pid) > 1 else None
-        if typename != "storage" or len(pid) < 6:
-            raise CorruptCheckpointError(f"unknown persistent id {typename!r}", path=self.path)
-        storage_type, key, location, numel, view = pid[1:6]
-        if not isinstance(storage_type, StorageType):
-            raise CorruptCheckpointError(f"storage {key!r} has unknown type {storage_type!r}",
-                                         path=self.path)
-        key = str(key)
-        root = self._storages.get(key)
+            return rest[0] if rest else None
         if root is None:
-            root = StorageRef(self, key, storage_type.dtype, int(numel), str(location))
-            self._storages[key] = root
-        if view is not None:
+            raise CorruptCheckpointError(f"unknown persistent id {typename!r}", path=self.path)
+        view = rest[0]
+        if view is not None:  # a view into the root storage: (view key, offset, size)
             _view_key, offset, _view_size = view
-            return StorageRef(self, key, root.dtype, root.numel, root.location, int(offset))
+            return StorageRef(self, root.key, root.dtype, root.numel, root.location, int(offset))
         return root
 
     def globals(self) -> list[GlobalRef]:

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import CorruptCheckpointError, FormatError
-from ..safety import GlobalRef, StorageRef, StorageType, restricted_load_with_globals
+from ..safety import GlobalRef, StorageRef, restricted_load_with_globals, storage_from_pid
 from .base import contiguous_stride as _contiguous_stride, Reader, TensorRef
 
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
@@ -149,20 +149,9 @@ class TorchZipReader(Reader):
         return obj
 
     def _persistent_load(self, pid: Any) -> Any:
-        if not isinstance(pid, tuple) or not pid:
-            raise CorruptCheckpointError(f"malformed persistent id {pid!r}", path=self.path)
-        typename = pid[0].decode("ascii") if isinstance(pid[0], bytes) else pid[0]
-        if typename != "storage" or len(pid) < 5:
-            raise CorruptCheckpointError(f"unknown persistent id {typename!r}", path=self.path)
-        storage_type, key, location, numel = pid[1:5]
-        if not isinstance(storage_type, StorageType):
-            raise CorruptCheckpointError(f"storage {key!r} has unknown type {storage_type!r}",
-                                         path=self.path)
-        key = str(key)
-        ref = self._storages.get(key)
+        typename, ref, _ = storage_from_pid(pid, self, self._storages, path=self.path, fields=5)
         if ref is None:
-            ref = StorageRef(self, key, storage_type.dtype, int(numel), str(location))
-            self._storages[key] = ref
+            raise CorruptCheckpointError(f"unknown persistent id {typename!r}", path=self.path)
         return ref
 
     def globals(self) -> list[GlobalRef]:
