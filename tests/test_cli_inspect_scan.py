@@ -58,8 +58,10 @@ def test_errors_are_one_line_exit_2(tmp_path):
     assert p.returncode == 2
     assert p.stderr.startswith("torchkeep: error: ") and p.stderr.count("\n") == 1
     assert "Traceback" not in p.stderr
-    p = run_cli("--debug", "inspect", str(tmp_path / "notes.pt"))
-    assert p.returncode != 0 and "Traceback" in p.stderr
+    for args in (("--debug", "inspect", str(tmp_path / "notes.pt")),
+                 ("inspect", str(tmp_path / "notes.pt"), "--debug")):
+        p = run_cli(*args)
+        assert p.returncode != 0 and "Traceback" in p.stderr and "FormatError" in p.stderr
 
 
 def test_scan_exit_codes(tmp_path):

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]  # accepted before or after the command
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="torchkeep: %(levelname)s: %(message)s")
     parser = build_parser()
