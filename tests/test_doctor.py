@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from torchkeep import CheckpointManager, TrainState, doctor
 from torchkeep.doctor import diagnose, fmt
+from torchkeep.fingerprint import _digest
 
 SAVE_AT = 13  # epoch 1, batch 3 of 10
 
@@ -106,7 +107,7 @@ def test_fingerprint_is_recorded_with_the_checkpoint(original):
     assert fp["scalers"]["scaler"]["scale"] == 1024 * 2 ** 6
     assert set(fp["rng"]) >= {"python", "numpy", "torch"}
     # The hash of the next batch is the hash of the indices the run really got next.
-    assert fp["loaders"]["dataloader"]["next_batch"] == doctor._digest(served)
+    assert fp["loaders"]["dataloader"]["next_batch"] == _digest(served)
     assert fp["loaders"]["dataloader"]["next_at"] == [1, 3]
 
 

@@ -22,15 +22,14 @@ whose parameters are DTensors: FSDP2 ``fully_shard``, tensor parallel) saves and
 
 The rank helpers (:mod:`torchkeep.ranks`) work without a process group (rank 0 of 1), so the
 same training script runs under ``torchrun`` and as a plain process; the canonical form of the
-model and optimizer is :mod:`torchkeep.canonical`'s job. Both are re-exported here.
+model and optimizer is :mod:`torchkeep.canonical`'s job. Both are re-exported here. DCP's
+``.metadata`` is read without running code by :mod:`torchkeep.formats.dcpmeta`.
 """
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
-import pickle
 import threading
 import time
 import warnings
@@ -43,9 +42,10 @@ import torch
 from . import serial
 from .canonical import (LAYOUT, _as_dict, _canonical_parts, _detached, _optimizer_owners,
                         _path, capture, has_dtensors)
-from .errors import CorruptCheckpointError, StateError, UnsafeCheckpointError
+from .errors import CorruptCheckpointError, StateError
 from .formats import native, sharded
 from .formats.dcp import METADATA as DCP_METADATA
+from .formats.dcpmeta import _safe_reader
 from .ranks import (_dist, all_gather_object, barrier, broadcast_object, gather_object,
                     is_distributed, is_dtensor, is_main, local_rank, rank, world_size)
 
@@ -55,57 +55,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .state import TrainState
 
 log = logging.getLogger(__name__)
-
-
-# -- reading DCP metadata without running code ---------------------------------------------------
-
-_DCP_META = "torch.distributed.checkpoint.metadata"
-_ALLOWED_GLOBALS = {
-    *((_DCP_META, n) for n in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
-                               "TensorStorageMetadata", "BytesStorageMetadata",
-                               "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"), ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
-    ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Builds DCP's metadata classes and nothing else (no function of the file's choosing)."""
-
-    def __init__(self, f: Any, path: str) -> None:
-        super().__init__(f)
-        self.path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS or (
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        raise UnsafeCheckpointError(f".metadata imports {module}.{name}, which DCP metadata never "
-                                    f"holds", globals=[f"{module}.{name}"], path=self.path,
-                                    hint="the shards folder was not written by DCP; do not load it")
-
-
-def _safe_reader(path: str) -> Any:
-    """DCP's FileSystemReader whose ``.metadata`` goes through :class:`_MetadataUnpickler`
-    (DCP's own uses plain pickle); tensor data is read by DCP with ``weights_only=True``."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class SafeFileSystemReader(FileSystemReader):
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            mpath = os.path.join(os.fspath(self.path), DCP_METADATA)
-            with open(mpath, "rb") as f:
-                md = _MetadataUnpickler(io.BytesIO(f.read()), mpath).load()
-            if type(md).__name__ != "Metadata":
-                raise UnsafeCheckpointError(f".metadata holds a {type(md).__name__}", path=mpath)
-            if getattr(md, "storage_meta", None) is None:
-                md.storage_meta = StorageMeta()
-            md.storage_meta.load_id = self.load_id
-            return md
-
-    return SafeFileSystemReader(path)
 
 
 # -- saving and restoring through a CheckpointManager --------------------------------------------

@@ -16,352 +16,39 @@ target optimizer's own order:
 Param groups are paired by their parameters' names and the source group's hyper-parameters (lr,
 betas, weight decay, initial_lr, ...) carried; an LR scheduler's per-group lists follow the same
 pairing. :func:`restore_with_migration` does all of this for a whole :class:`~torchkeep.TrainState`
-(``CheckpointManager.restore(state, migrate=True)``).
+(``CheckpointManager.restore(state, migrate=True)``). The reports are in
+:mod:`torchkeep.migratereport`, finding and naming the saved state in :mod:`torchkeep.migratenames`.
 """
 from __future__ import annotations
 
 import collections
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from .errors import StateError, TransferError
+from .migratenames import (BUFFER_LEAVES, EMA_KEYS, OPTIMIZER_KEYS, _pid, _saved_ids, _state_shape,
+                           find_ema_state, find_optimizer_state, is_optimizer_state, saved_param_names)
+from .migratereport import FATES, GroupFate, MigrationReport, OptimizerReport, ParamFate, _flat, _shape
 
 if TYPE_CHECKING:  # pragma: no cover
     from .state import TrainState
-    from .transfer import TransferReport
+    from .transferreport import TransferReport
+
+__all__ = ["FATES", "RESHAPED", "OPTIMIZER_KEYS", "EMA_KEYS", "BUFFER_LEAVES", "ParamFate", "GroupFate",
+           "OptimizerReport", "MigrationReport", "Migration", "is_optimizer_state",
+           "find_optimizer_state", "find_ema_state", "saved_param_names", "plan_optimizer",
+           "migrate_optimizer", "apply_optimizer", "plan_ema", "apply_ema", "migrate_tree",
+           "restore_with_migration"]
 
 log = logging.getLogger(__name__)
 
-FATES = ("carried", "adapted", "reset", "fresh", "removed")
 RESHAPED = ("adapt", "reset")
-# Keys under which training scripts keep the optimizer state, most preferred first.
-OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_state", "optim", "opt",
-                  "optimizers", "optimizer_states")
-# Keys under which training scripts keep EMA weights.
-EMA_KEYS = ("ema", "model_ema", "ema_model", "state_dict_ema", "ema_state_dict", "ema_state",
-            "averaged_model", "swa_model")
-# Leaf names of buffers that never sit in an optimizer (used when names must be inferred).
-BUFFER_LEAVES = frozenset({"running_mean", "running_var", "num_batches_tracked"})
 _GROUP_META = ("params", "param_names")
-_MAX_EMBED_CELLS = 20_000_000
-
-
-def _shape(s: Iterable[int] | None) -> str:
-    return "-" if s is None else "[" + ", ".join(str(int(x)) for x in s) + "]"
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return repr(v) if isinstance(v, str) else str(v)
-
-
-# ---------------------------------------------------------------------------------- report
-@dataclass
-class ParamFate:
-    """What happened to one parameter's optimizer state."""
-
-    name: str                    # the target parameter ('removed': the source parameter)
-    fate: str                    # one of FATES
-    source: str | None = None    # the source parameter whose state it took
-    detail: str = ""
-    group: int | None = None     # target param group (None for 'removed')
-    shape: tuple[int, ...] | None = None
-
-
-@dataclass
-class GroupFate:
-    """Where one target param group took its hyper-parameters from."""
-
-    group: int
-    source: int | None           # the source group, None when no parameter of it had a source
-    votes: int                   # parameters of the group whose source sat in ``source``
-    size: int
-    changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # key -> (before, carried)
-    detail: str = ""
-
-
-@dataclass
-class OptimizerReport:
-    """Every parameter's optimizer-state fate and where each param group's settings came from."""
-
-    optimizer: str
-    params: list[ParamFate] = field(default_factory=list)
-    groups: list[GroupFate] = field(default_factory=list)
-    names_from: str = ""         # how the saved state's parameter names were known
-    note: str = ""
-    applied: bool = False
-
-    def names(self, fate: str) -> list[str]:
-        """Parameters with the given fate, in the optimizer's order."""
-        return [p.name for p in self.params if p.fate == fate]
-
-    def fate(self, name: str) -> ParamFate:
-        for p in self.params:
-            if p.name == name and p.fate != "removed":
-                return p
-        raise KeyError(name)
-
-    @property
-    def counts(self) -> dict[str, int]:
-        out = {f: 0 for f in FATES}
-        for p in self.params:
-            out[p.fate] += 1
-        return out
-
-    @property
-    def exact(self) -> bool:
-        """True when the saved state fits as is: every parameter's state carried under its own
-        name, nothing removed, each group from the saved group at its position (what a plain
-        ``load_state_dict`` would have done)."""
-        return all(p.fate == "carried" and p.source == p.name for p in self.params) and \
-            all(g.source == g.group for g in self.groups)
-
-    def headline(self) -> str:
-        c = self.counts
-        n = sum(c[f] for f in FATES if f != "removed")
-        return (f"optimizer {self.optimizer}: state of {n} parameters: {c['carried']} carried, "
-                f"{c['adapted']} adapted, {c['reset']} reset, {c['fresh']} fresh; "
-                f"{c['removed']} saved entries removed")
-
-    def rows(self) -> list[tuple[str, str, str, str, str]]:
-        """``(fate, parameter, shape, source, detail)`` for every parameter, then removed ones."""
-        return [(p.fate, p.name if p.fate != "removed" else "-", _shape(p.shape),
-                 (p.source or "-") if p.fate != "removed" else p.name, p.detail) for p in self.params]
-
-    def table(self) -> str:
-        rows = [("fate", "parameter", "shape", "source", "detail")] + self.rows()
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        return "\n".join(("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4]).rstrip()
-                         for r in rows)
-
-    def group_lines(self) -> list[str]:
-        out = []
-        for g in self.groups:
-            if g.source is None:
-                out.append(f"group {g.group}: {g.detail or 'no parameter has a source: keeps its own settings'}")
-                continue
-            line = f"group {g.group} <- saved group {g.source} ({g.votes} of {g.size} parameters)"
-            if g.changed:
-                line += ": " + ", ".join(f"{k} {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in g.changed.items())
-            if g.detail:
-                line += f" [{g.detail}]"
-            out.append(line)
-        return out
-
-    def __str__(self) -> str:
-        parts = [self.headline()]
-        if self.names_from:
-            parts.append(f"saved parameter names: {self.names_from}")
-        if self.note:
-            parts.append(self.note)
-        parts.extend(self.group_lines())
-        parts.append("")
-        parts.append(self.table())
-        return "\n".join(parts)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "optimizer": self.optimizer, "applied": self.applied, "names_from": self.names_from,
-            "note": self.note, "counts": self.counts, "exact": self.exact,
-            "params": [{"name": p.name, "fate": p.fate, "source": p.source, "detail": p.detail,
-                        "group": p.group, "shape": None if p.shape is None else list(p.shape)}
-                       for p in self.params],
-            "groups": [{"group": g.group, "source": g.source, "votes": g.votes, "size": g.size,
-                        "changed": {k: [_plain(a), _plain(b)] for k, (a, b) in g.changed.items()},
-                        "detail": g.detail} for g in self.groups],
-        }
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.tolist()
-    if isinstance(v, tuple):
-        return [_plain(x) for x in v]
-    if isinstance(v, (bool, int, float, str)) or v is None:
-        return v
-    return repr(v)
-
-
-# ------------------------------------------------------------------- the saved state's names
-def is_optimizer_state(obj: Any) -> bool:
-    """True for what ``Optimizer.state_dict()`` returns: ``{'state': {...}, 'param_groups': [...]}``."""
-    if not isinstance(obj, Mapping):
-        return False
-    groups = obj.get("param_groups")
-    return (isinstance(obj.get("state"), Mapping) and isinstance(groups, (list, tuple))
-            and all(isinstance(g, Mapping) and "params" in g for g in groups))
-
-
-def find_optimizer_state(tree: Any) -> tuple[str, Mapping[str, Any]]:
-    """``(path, state dict)`` of the one optimizer state in a loaded checkpoint tree.
-
-    Looks up to three levels deep; with several, the one under a usual key (``optimizer``,
-    ``optimizer_state_dict``, ...) wins if it is the only such one.
-    """
-    found: list[tuple[str, Mapping[str, Any]]] = []
-
-    def walk(obj: Any, path: str, depth: int) -> None:
-        if is_optimizer_state(obj):
-            found.append((path, obj))
-            return
-        if depth >= 3:
-            return
-        if isinstance(obj, Mapping):
-            for k, v in obj.items():
-                if isinstance(v, (Mapping, list, tuple)):
-                    walk(v, f"{path}.{k}" if path else str(k), depth + 1)
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                if isinstance(v, (Mapping, list, tuple)):
-                    walk(v, f"{path}.{i}" if path else str(i), depth + 1)
-
-    walk(tree, "", 0)
-    if not found:
-        raise TransferError("the source holds no optimizer state (no mapping with 'state' and "
-                            "'param_groups')",
-                            hint="save optimizer.state_dict() next to the model (or use a torchkeep "
-                                 "TrainState checkpoint), or leave out optimizer=")
-    if len(found) == 1:
-        return found[0]
-    usual = [(p, o) for p, o in found if p.split(".")[0] in OPTIMIZER_KEYS and p.count(".") == 0]
-    if len(usual) == 1:
-        return usual[0]
-    raise TransferError(f"the source holds {len(found)} optimizer states "
-                        f"({', '.join(p or '<root>' for p, _ in found)}): which one is meant is unclear",
-                        hint="load the one you mean and call torchkeep.migrate.migrate_optimizer")
-
-
-def find_ema_state(tree: Any) -> tuple[str, dict[str, torch.Tensor]] | None:
-    """``(key, tensors)`` of EMA weights kept next to the model (``ema``, ``model_ema``, ...)."""
-    if not isinstance(tree, Mapping):
-        return None
-    for key in EMA_KEYS:
-        sub = tree.get(key)
-        if isinstance(sub, nn.Module):
-            sub = sub.state_dict()
-        if isinstance(sub, Mapping):
-            tensors = {str(k): v for k, v in sub.items() if isinstance(v, torch.Tensor)}
-            if tensors:
-                return key, tensors
-    return None
-
-
-def _pid(k: Any) -> Any:
-    return int(k) if isinstance(k, str) and k.isdigit() else k
-
-
-def _saved_ids(saved: Mapping[str, Any]) -> list[Any]:
-    return [_pid(p) for g in saved["param_groups"] for p in g["params"]]
-
-
-def _state_shape(entry: Any) -> tuple[int, ...] | None:
-    """The parameter's shape as its per-parameter state shows it (the largest-rank tensor)."""
-    if not isinstance(entry, Mapping):
-        return None
-    best = None
-    for v in entry.values():
-        if isinstance(v, torch.Tensor) and v.dim() > 0 and (best is None or v.dim() > len(best)):
-            best = tuple(v.shape)
-    return best
-
-
-def saved_param_names(saved: Mapping[str, Any], *,
-                      weights: Sequence[tuple[str, tuple[int, ...], torch.dtype, Any]] | None = None,
-                      clean: Callable[[str], str] = lambda n: n) -> tuple[list[str | None], str]:
-    """The parameter name of each position of a saved optimizer state, and how it was known.
-
-    In order: the names a torchkeep TrainState records (``param_names``); torch's own names in
-    named param groups; else inferred from the model's weights in order (``(name, shape, dtype,
-    storage)``, buffers and tied duplicates left out) where the shapes of the saved state allow
-    only one reading. Raises TransferError when they cannot be known.
-    """
-    ids = _saved_ids(saved)
-    n = len(ids)
-    recorded = saved.get("param_names")
-    if isinstance(recorded, (list, tuple)) and len(recorded) == n:
-        return [clean(x) if isinstance(x, str) else None for x in recorded], "recorded with the checkpoint"
-    groups = saved["param_groups"]
-    if all(isinstance(g.get("param_names"), (list, tuple)) and len(g["param_names"]) == len(g["params"])
-           for g in groups) and groups:
-        return [clean(x) for g in groups for x in g["param_names"]], "named in the optimizer's param groups"
-    if weights is None:
-        raise TransferError(f"the saved optimizer state ({n} parameters) does not name its parameters",
-                            hint="save with a torchkeep TrainState (it records the names) or pass "
-                                 "source_names= to torchkeep.migrate.migrate_optimizer")
-    seen: set[Any] = set()
-    cands: list[tuple[str, tuple[int, ...]]] = []
-    for name, shape, dtype, storage in weights:
-        if not (dtype.is_floating_point or dtype.is_complex):
-            continue
-        if name.rpartition(".")[2] in BUFFER_LEAVES:
-            continue
-        if storage is not None:
-            if storage in seen:
-                continue  # a tied duplicate: named_parameters() lists it once
-            seen.add(storage)
-        cands.append((name, tuple(shape)))
-    state = {_pid(k): v for k, v in saved["state"].items()}
-    shapes = [_state_shape(state.get(i)) for i in ids]
-    picked = _embed_unique(shapes, [s for _, s in cands])
-    if picked is None:
-        known = sum(s is not None for s in shapes)
-        raise TransferError(
-            f"cannot tell which model tensor each of the saved optimizer's {n} parameters is: the "
-            f"model has {len(cands)} tensors that look like parameters and the shapes of the "
-            f"{known} saved states allow {'no' if _embed_count(shapes, [s for _, s in cands]) == 0 else 'more than one'} "
-            "reading", hint="save with a torchkeep TrainState (it records the names) or pass "
-                            "source_names= to torchkeep.migrate.migrate_optimizer")
-    how = "inferred from the model's order and shapes"
-    if len(cands) != n:
-        how += f" (the optimizer held {n} of {len(cands)} parameters)"
-    return [cands[j][0] for j in picked], how
-
-
-def _fits(a: tuple[int, ...] | None, b: tuple[int, ...]) -> bool:
-    return a is None or a == b
-
-
-def _embed_table(a: Sequence[Any], b: Sequence[Any]) -> list[list[int]] | None:
-    n, m = len(a), len(b)
-    if n > m or (n + 1) * (m + 1) > _MAX_EMBED_CELLS:
-        return None
-    # ways[i][j]: ways (capped at 2) to place a[i:] in order into b[j:].
-    ways = [[0] * (m + 1) for _ in range(n + 1)]
-    ways[n] = [1] * (m + 1)
-    for i in range(n - 1, -1, -1):
-        row, nxt, ai = ways[i], ways[i + 1], a[i]
-        for j in range(m - 1, -1, -1):
-            w = row[j + 1]
-            if _fits(ai, b[j]):
-                w += nxt[j + 1]
-            row[j] = 2 if w > 2 else w
-    return ways
-
-
-def _embed_count(a: Sequence[Any], b: Sequence[Any]) -> int:
-    t = _embed_table(a, b)
-    return 0 if t is None else t[0][0]
-
-
-def _embed_unique(a: Sequence[Any], b: Sequence[Any]) -> list[int] | None:
-    """Indices into ``b`` of the only way to find ``a`` (shapes, None = any) in order in ``b``;
-    None when there is no way or more than one."""
-    ways = _embed_table(a, b)
-    if ways is None or ways[0][0] != 1:
-        return None
-    out, j = [], 0
-    for i in range(len(a)):
-        while not (_fits(a[i], b[j]) and ways[i + 1][j + 1] == 1):
-            j += 1
-        out.append(j)
-        j += 1
-    return out
 
 
 # ------------------------------------------------------------------------- the migration
@@ -602,7 +289,7 @@ def plan_ema(ema: nn.Module | Mapping[str, torch.Tensor], source: Mapping[str, t
 
     Returns the report and ``ema name -> (source tensor, target tensor, adaptation)``.
     """
-    from .transfer import TransferReport
+    from .transferreport import TransferReport
 
     if isinstance(ema, nn.Module):
         tensors = {k: v for k, v in ema.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
@@ -678,70 +365,6 @@ class Migration:
     reshaped: str = "adapt"
     hyperparams: bool = True
 
-
-@dataclass
-class MigrationReport:
-    """What a migrating restore did: one transfer report per model, one optimizer report per
-    optimizer, and the schedulers whose per-group lists followed the group pairing."""
-
-    step: int | None = None
-    models: dict[str, "TransferReport"] = field(default_factory=dict)
-    optimizers: dict[str, OptimizerReport] = field(default_factory=dict)
-    schedulers: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def exact(self) -> bool:
-        """True when the checkpoint fitted as is (the restore equals a plain one)."""
-        return (all(r.ok and not r.adapted and all(t == s for t, s in r.loaded.items())
-                    for r in self.models.values())
-                and all(o.exact for o in self.optimizers.values()))
-
-    def renamed(self) -> dict[str, str]:
-        """Model tensors that took the values of a source tensor of another name (flat names)."""
-        out = {}
-        for m, r in self.models.items():
-            for t, s in r.loaded.items():
-                if t != s and not r.reasons.get(t, "").startswith("tied"):
-                    out[_flat(m, t)] = _flat(m, s)
-        return out
-
-    def param_fates(self) -> dict[str, str]:
-        """Flat parameter name -> its optimizer-state fate (removed ones under the source name)."""
-        out: dict[str, str] = {}
-        for o in self.optimizers.values():
-            for p in o.params:
-                if p.fate == "removed":
-                    out.setdefault(p.name, "removed")
-                else:
-                    out[p.name] = p.fate
-        return out
-
-    def summary(self) -> dict[str, Any]:
-        """A small JSON-able digest for the resume record (names, fates and renames)."""
-        return {"exact": self.exact, "renamed": self.renamed(), "fates": self.param_fates(),
-                "missing": sorted(_flat(m, t) for m, r in self.models.items() for t in r.missing),
-                "unused": sorted(_flat(m, s) for m, r in self.models.items() for s in r.unused)}
-
-    def __str__(self) -> str:
-        head = f"migrated restore{f' of step {self.step}' if self.step is not None else ''}"
-        parts = [head + (": the checkpoint fits as is" if self.exact else "")]
-        for m, r in self.models.items():
-            parts.append(f"\n[model {m or '(main)'}] " + str(r))
-        for o, r in self.optimizers.items():
-            parts.append(f"\n[optimizer {o or '(main)'}] " + str(r))
-        for s, how in self.schedulers.items():
-            parts.append(f"\n[{s}] {how}")
-        return "\n".join(parts)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "exact": self.exact,
-                "models": {k: v.to_dict() for k, v in self.models.items()},
-                "optimizers": {k: v.to_dict() for k, v in self.optimizers.items()},
-                "schedulers": dict(self.schedulers)}
-
-
-def _flat(model_name: str, name: str) -> str:
-    return f"{model_name}.{name}" if model_name else name
 
 
 def _strip_like(name: str, stripped: Sequence[str]) -> str:
