@@ -193,14 +193,7 @@ class ShardedCheckpointing:
                                                          if k not in shards}))
         m._last_save = time.monotonic()
         job = (step, folder, snap, extra, pending, mjson, plain)
-        if m.async_save:
-            t = threading.Thread(target=self._run_finish, args=job, name=f"torchkeep-save-{step}",
-                                 daemon=False)
-            with m._mutex:
-                m._thread = t
-            t.start()
-        else:
-            self._finish(*job)
+        m._launch(step, self._run_finish, self._finish, job)
 
     def _prepare(self, step: int, folder: str) -> None:
         """Rank 0, before any rank writes: the manager's lock and clean-up, and no old folder

@@ -267,14 +267,19 @@ class CheckpointManager:
         snap = self._snapshot(enc)
         self._last_save = time.monotonic()
         job = (step, snap, mjson, plain, hints, sigs)
+        self._launch(step, self._run_write, self._write, job)
+
+    def _launch(self, step: int, in_background: Any, in_place: Any, job: tuple) -> None:
+        """Run the write of ``step``: in the writer thread when saving asynchronously (the
+        thread is remembered so the next save or wait() joins it), else right here."""
         if self.async_save:
-            t = threading.Thread(target=self._run_write, args=job, name=f"torchkeep-save-{step}",
+            t = threading.Thread(target=in_background, args=job, name=f"torchkeep-save-{step}",
                                  daemon=False)
             with self._mutex:
                 self._thread = t
             t.start()
         else:
-            self._write(*job)
+            in_place(*job)
 
     def _snapshot(self, enc: serial.Encoded) -> Snapshot:
         """CPU tensors that stay unchanged until written: copies into reused staging buffers for

@@ -56,3 +56,18 @@ def progress(description: str, total: float | None) -> Iterator[Any]:
             def advance(self, n: float = 1) -> None:
                 p.advance(task, n)
         yield _Bar()
+
+
+@contextmanager
+def percent_progress(description: str) -> Iterator[Any]:
+    """A progress bar driven by ``on_progress(done, total)`` callbacks (the library's progress
+    hook); yields that callback. Quiet when piped, like :func:`progress`."""
+    with progress(description, 100) as bar:
+        shown = [0.0]
+
+        def on_progress(done: int, total: int) -> None:
+            pct = 100.0 * done / total if total else 100.0
+            bar.advance(pct - shown[0])
+            shown[0] = pct
+
+        yield on_progress

@@ -7,7 +7,7 @@ import argparse
 
 from rich.markup import escape
 
-from ._render import console, human_bytes, print_json, progress
+from ._render import console, human_bytes, print_json, percent_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,14 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..distributed import consolidate
 
-    with progress("consolidating", 100) as bar:
-        shown = [0.0]
-
-        def on_progress(done: int, total: int) -> None:
-            pct = 100.0 * done / total if total else 100.0
-            bar.advance(pct - shown[0])
-            shown[0] = pct
-
+    with percent_progress("consolidating") as on_progress:
         res = consolidate(args.src, args.dst, step=args.step, everything=args.everything,
                           dtype=args.dtype, overwrite=args.overwrite, on_progress=on_progress)
     if args.json:

@@ -6,7 +6,7 @@ import argparse
 
 from rich.markup import escape
 
-from ._render import console, human_bytes, print_json, progress
+from ._render import console, human_bytes, print_json, percent_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,14 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..convert import convert
 
-    with progress("converting", 100) as bar:
-        shown = [0.0]
-
-        def on_progress(done: int, total: int) -> None:
-            pct = 100.0 * done / total if total else 100.0
-            bar.advance(pct - shown[0])
-            shown[0] = pct
-
+    with percent_progress("converting") as on_progress:
         res = convert(args.src, args.dst, strip_prefix=args.strip_prefix, add_prefix=args.add_prefix,
                       rename=args.rename, dtype=args.dtype, max_shard_size=args.max_shard_size,
                       trust=args.trust, format=args.format, overwrite=args.overwrite,
