@@ -15,14 +15,13 @@ Multi-rank writers plug in at the same seams: every rank writes its part of the 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -31,6 +30,8 @@ from . import serial
 from .errors import CorruptCheckpointError, StateError
 from .formats import native
 from .formats.native import Snapshot
+from .retention import CheckpointInfo, ranked_best, steps_to_keep, tensor_signatures as _signatures
+from .retention import unchanged_since as _unchanged
 from .state import TrainState
 from .store import BlobStore, LockedError, is_tmp, storage_for
 
@@ -38,24 +39,6 @@ log = logging.getLogger(__name__)
 
 Which = Literal["latest", "best"] | int
 SNAPSHOT_THREADS = 4  # parallel copies into the staging buffers (memcpy releases the GIL)
-
-
-@dataclass
-class CheckpointInfo:
-    """One checkpoint of a manager's folder, as its commit record describes it."""
-
-    step: int
-    path: str
-    time: float | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    nbytes: int = 0          # bytes of all tensors in the checkpoint
-    written: int = 0         # bytes this checkpoint added to the folder (the rest was shared)
-    status: str = "ok"       # 'ok' | 'uncommitted' | 'damaged'
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return self.path.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
 
 
 @dataclass
@@ -147,28 +130,11 @@ class CheckpointManager:
         return bool(self.every_seconds is not None
                     and time.monotonic() - self._last_save >= self.every_seconds)
 
-    def _metric(self, info: CheckpointInfo) -> float | None:
-        v = info.metrics.get(self.monitor) if self.monitor else None
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
-            return None
-        return float(v)
-
     def _ranked_best(self, infos: list[CheckpointInfo]) -> list[CheckpointInfo]:
-        scored = [(m, i) for i in infos if (m := self._metric(i)) is not None]
-        scored.sort(key=lambda mi: (mi[0] if self.mode == "min" else -mi[0], -mi[1].step))
-        return [i for _, i in scored]
+        return ranked_best(infos, self.monitor, self.mode)
 
     def _keep(self, infos: list[CheckpointInfo]) -> set[int]:
-        steps = [i.step for i in sorted(infos, key=lambda i: i.step)]
-        if not steps:
-            return set()
-        if self.keep_last is None:
-            return set(steps)
-        keep = set(steps[-self.keep_last:]) if self.keep_last else set()
-        keep.add(steps[-1])
-        if self.keep_best:
-            keep.update(i.step for i in self._ranked_best(infos)[:self.keep_best])
-        return keep
+        return steps_to_keep(infos, self.keep_last, self.keep_best, self.monitor, self.mode)
 
     # -- listing --------------------------------------------------------------------------
     def _info(self, step: int, folder: str) -> CheckpointInfo:
@@ -433,7 +399,7 @@ class CheckpointManager:
                 st.rmtree(path)
                 continue
             info = self._info(step, path)
-            refs = _manifest_refs(st, path)
+            refs = native.manifest_blob_refs(st, path)
             entries[step] = _Entry(info, refs)
         for name in self.blobs.leftovers():
             st.remove(st.join(self.blobs.folder, name))
@@ -630,37 +596,3 @@ class CheckpointManager:
     def __repr__(self) -> str:
         return (f"CheckpointManager({self.directory!r}, keep_last={self.keep_last}, "
                 f"keep_best={self.keep_best}, async_save={self.async_save})")
-
-
-def _signatures(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, int]]:
-    """(tensor, version counter) of each tensor: what tells, at the next save, that a tensor is
-    the same storage and torch saw no in-place change since (inference tensors have no counter)."""
-    out = {}
-    for k, t in tensors.items():
-        try:
-            out[k] = (t, t._version)
-        except RuntimeError:
-            continue
-    return out
-
-
-def _unchanged(prev: tuple[torch.Tensor, int, str, int], now: tuple[torch.Tensor, int]) -> bool:
-    """Same storage (the old tensor is held, so its address cannot be reused), same view, same
-    version counter. Only a hint: the writer still compares crc32 of the bytes."""
-    a, va = prev[0], prev[1]
-    b, vb = now
-    return (va == vb and a.device == b.device and a.dtype == b.dtype and a.shape == b.shape
-            and a.stride() == b.stride() and a.storage_offset() == b.storage_offset()
-            and a.data_ptr() == b.data_ptr())
-
-
-def _manifest_refs(storage: Any, folder: str) -> dict[str, int] | None:
-    """Blob references of a folder's manifest, read even if its commit record is damaged (so that
-    garbage collection never deletes what it refers to); None if the manifest is unreadable."""
-    import json
-
-    try:
-        data = storage.read_bytes(storage.join(folder, native.MANIFEST))
-        return native.blob_refs(json.loads(data))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None

@@ -315,6 +315,16 @@ def _add_histogram(s: TensorStats, t: torch.Tensor, bounds: tuple[float, float] 
         s.histogram = histogram(t, *bounds, bins=bins, chunk=chunk)
 
 
+def _measure(t: torch.Tensor, name: str, bins: int, chunk: int, thresholds: Thresholds,
+             want_histogram: WantHistogram) -> TensorStats:
+    """Statistics of one tensor, with its histogram over its own range if ``want_histogram``
+    asks for one once the statistics are known."""
+    s = _stats(t, name, chunk, thresholds)
+    if s.min is not None and want_histogram(s):
+        _add_histogram(s, t, _range(float(s.min), float(s.max)), bins, chunk)  # type: ignore[arg-type]
+    return s
+
+
 def stream_stats(refs: Mapping[str, TensorRef], *, bins: int = DEFAULT_BINS,
                  chunk: int = DEFAULT_CHUNK, thresholds: Thresholds = Thresholds(),
                  want_histogram: WantHistogram = lambda s: False,
@@ -326,11 +336,7 @@ def stream_stats(refs: Mapping[str, TensorRef], *, bins: int = DEFAULT_BINS,
     """
     loader = StorageLoader(refs)
     for name, ref in refs.items():
-        t = loader.take(name)
-        s = _stats(t, name, chunk, thresholds)
-        if s.min is not None and want_histogram(s):
-            _add_histogram(s, t, _range(float(s.min), float(s.max)), bins, chunk)  # type: ignore[arg-type]
-        del t
+        s = _measure(loader.take(name), name, bins, chunk, thresholds, want_histogram)
         if progress:
             progress(ref.nbytes)
         yield s
@@ -351,15 +357,14 @@ def stream_pair(refs_a: Mapping[str, TensorRef], refs_b: Mapping[str, TensorRef]
     for name, ra in refs_a.items():
         rb = refs_b.get(name)
         ta = la.take(name)
-        sa = _stats(ta, name, chunk, thresholds)
         if rb is None:
-            if sa.min is not None and want_histogram(sa):
-                _add_histogram(sa, ta, _range(float(sa.min), float(sa.max)), bins, chunk)  # type: ignore[arg-type]
+            sa = _measure(ta, name, bins, chunk, thresholds, want_histogram)
             del ta
             if progress:
                 progress(ra.nbytes)
             yield PairItem(name, sa, None, None)
             continue
+        sa = _stats(ta, name, chunk, thresholds)
         tb = lb.take(name)
         sb = _stats(tb, name, chunk, thresholds)
         change = compare(name, ta, tb) if tuple(ta.shape) == tuple(tb.shape) else None
@@ -377,11 +382,7 @@ def stream_pair(refs_a: Mapping[str, TensorRef], refs_b: Mapping[str, TensorRef]
     for name, rb in refs_b.items():
         if name in refs_a:
             continue
-        tb = lb.take(name)
-        sb = _stats(tb, name, chunk, thresholds)
-        if sb.min is not None and want_histogram(sb):
-            _add_histogram(sb, tb, _range(float(sb.min), float(sb.max)), bins, chunk)  # type: ignore[arg-type]
-        del tb
+        sb = _measure(lb.take(name), name, bins, chunk, thresholds, want_histogram)
         if progress:
             progress(rb.nbytes)
         yield PairItem(name, None, sb, None)

@@ -482,3 +482,15 @@ __all__ = [
     "tensor_path", "load_tensors", "Problem", "verify_folder", "committed_steps", "is_manifest",
     "NativeReader",
 ]
+
+
+def manifest_blob_refs(storage: Any, folder: str) -> dict[str, int] | None:
+    """Blob references of a folder's manifest, read even if its commit record is damaged (so that
+    garbage collection never deletes what it refers to); None if the manifest is unreadable."""
+    import json
+
+    try:
+        data = storage.read_bytes(storage.join(folder, MANIFEST))
+        return blob_refs(json.loads(data))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
