@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import drop, parser, small_tensors_state, tmpdir, transformer_state  # noqa: E402
 
-from torchkeep.convert import convert  # noqa: E402
+from torchkeep.look.conversion import convert
 
 
 def dd(path: str, nbytes: int) -> float:

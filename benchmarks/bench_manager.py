@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import drop, parser, report, tmpdir  # noqa: E402
 
-from torchkeep import CheckpointManager, TrainState  # noqa: E402
-from torchkeep.store import fsync_path  # noqa: E402
+from torchkeep import CheckpointManager, TrainState
+from torchkeep.store.files import fsync_path
 
 H = 1024
 LAYER_BYTES = 12 * H * H * 4 + 13 * H * 4

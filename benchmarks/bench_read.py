@@ -15,10 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import drop, median_time, parser, report, small_tensors_state, tmpdir, touch, transformer_state  # noqa: E402
+from common import (drop, median_time, parser, report, small_tensors_state, tmpdir,  # noqa: E402
+                    touch, transformer_state)
 
 import torchkeep  # noqa: E402
-from torchkeep.convert import convert  # noqa: E402
+from torchkeep.look.conversion import convert
 
 
 def bench(label: str, sd: dict, d: str, repeat: int) -> list:

@@ -13,7 +13,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import drop, median_time, parser, report, small_tensors_state, tmpdir, touch, transformer_state  # noqa: E402
+from common import (drop, median_time, parser, report, small_tensors_state, tmpdir,  # noqa: E402
+                    touch, transformer_state)
 
 import torchkeep  # noqa: E402
 

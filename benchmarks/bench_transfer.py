@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import drop, median_time, parser, report, tmpdir  # noqa: E402
 
 import torchkeep  # noqa: E402
-from torchkeep.zoo import TinyBert, TinyBertClassifier  # noqa: E402
+from torchkeep.demo.models import TinyBert, TinyBertClassifier
 
 
 def renamed(name: str) -> str:

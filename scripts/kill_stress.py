@@ -27,10 +27,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "tests"), os.path.join(ROOT, "src")]
 
+import resume_worker as rw  # noqa: E402
 import torch  # noqa: E402
 
-import resume_worker as rw  # noqa: E402
-from torchkeep import CheckpointManager  # noqa: E402
+from torchkeep import CheckpointManager
 
 KINDS = ["step", "write", "commit", "rmtree", "blobdel", "timer"]
 

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from torchkeep import CheckpointManager, TrainState
-from torchkeep import store
-from torchkeep.formats import native
+from torchkeep.read.formats import native
+from torchkeep.store import backends as store
+from torchkeep.store import blobs
 
 
 @dataclass(frozen=True)
@@ -92,13 +93,13 @@ def _install(kill: Kill) -> None:
             return orig_rmtree(self, path)
         store.LocalStorage.rmtree = rmtree
     elif kill.what == "blobdel":
-        orig_delete = store.BlobStore.delete
+        orig_delete = blobs.BlobStore.delete
 
         def delete(self, digest):
             if hit():
                 _die()
             return orig_delete(self, digest)
-        store.BlobStore.delete = delete
+        blobs.BlobStore.delete = delete
 
 
 class Net(torch.nn.Module):

@@ -5,7 +5,6 @@ import json
 import os
 
 import torch
-
 from conftest import SmallNet, run_cli
 
 

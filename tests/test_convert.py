@@ -15,10 +15,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import torchkeep
-from torchkeep.convert import convert, parse_size
 from torchkeep.errors import CorruptCheckpointError, FormatError
+from torchkeep.look.conversion import convert, parse_size
 
-writing_mod = importlib.import_module("torchkeep.writing")
+writing_mod = importlib.import_module("torchkeep.look.streamwriter")
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8,
           torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128,
@@ -240,7 +240,7 @@ def test_failure_mid_write_leaves_the_old_file(tmp_path, monkeypatch):
 
 
 def test_verification_catches_bytes_that_differ(tmp_path, monkeypatch):
-    from torchkeep.formats.safetensors import SafetensorsReader
+    from torchkeep.read.formats.safetensors import SafetensorsReader
 
     real = SafetensorsReader.load
 

@@ -9,13 +9,12 @@ from importlib import resources
 
 import pytest
 import torch
+from conftest import run_cli
 
 import torchkeep
 from torchkeep.cli import main
-from torchkeep.datasets import load_digits, split
-from torchkeep.zoo import LeNet5
-
-from conftest import run_cli
+from torchkeep.demo.datasets import load_digits, split
+from torchkeep.demo.models import LeNet5
 
 DEMO_STEPS = "40"
 
@@ -85,11 +84,11 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys):
 
 
 def test_digits_are_the_shipped_uci_file():
-    raw = resources.files("torchkeep").joinpath("data", "digits.csv.gz").read_bytes()
+    raw = resources.files("torchkeep.demo").joinpath("data", "digits.csv.gz").read_bytes()
     assert hashlib.sha256(raw).hexdigest() == \
         "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"
     assert len(gzip.decompress(raw).splitlines()) == 1797
-    assert "CC BY 4.0" in resources.files("torchkeep").joinpath("data", "ATTRIBUTION.md").read_text()
+    assert "CC BY 4.0" in resources.files("torchkeep.demo").joinpath("data", "ATTRIBUTION.md").read_text()
     images, labels = load_digits()
     assert images.shape == (1797, 1, 8, 8) and images.dtype == torch.float32
     assert labels.shape == (1797,) and labels.dtype == torch.int64

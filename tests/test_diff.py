@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 import torchkeep
-from torchkeep import diffing
-from torchkeep.diffing import compare, diff
+from torchkeep.look import diffing
+from torchkeep.look.diffing import compare, diff
 
 
 @pytest.fixture

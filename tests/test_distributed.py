@@ -22,7 +22,8 @@ import torch
 
 import torchkeep
 from torchkeep import CheckpointManager, CorruptCheckpointError, TrainState
-from torchkeep.formats import native, sharded
+from torchkeep.read.formats import native
+from torchkeep.read.formats import nativeshards as sharded
 
 dist = pytest.importorskip("torch.distributed")
 
@@ -217,11 +218,11 @@ def _two_rank_run(d: str, ddp_dir: str, out: str) -> None:
 @pytest.fixture(scope="session")
 def two_ranks(tmp_path_factory, request):
     """The 2-rank FSDP2 run, once per test session (shared by pytest-xdist workers)."""
-    from filelock import FileLock
     # Loaded before forking, so that no rank imports them (seconds each on a busy machine).
     import torch._dynamo  # noqa: F401  (fully_shard imports it on first use)
     import torch.distributed.checkpoint.state_dict  # noqa: F401
     import torch.distributed.fsdp  # noqa: F401
+    from filelock import FileLock
 
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -295,7 +296,7 @@ def test_open_and_consolidate(two_ranks, tmp_path, cli):
     assert "wrote" in p.stdout and "4 model tensors" in p.stdout, p.stdout
     assert_same(model, safetensors.torch.load_file(str(out)), "consolidated")
 
-    from torchkeep.distributed import consolidate
+    from torchkeep.look.consolidate import consolidate
     res = consolidate(two_ranks["dir"], tmp_path / "all.safetensors", step=4, everything=True)
     full = safetensors.torch.load_file(str(tmp_path / "all.safetensors"))
     assert res.tensors == len(full)
@@ -320,7 +321,7 @@ def test_damaged_shard_is_never_restored(two_ranks, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert mgr.restore(st) == 4
     assert "sha256" in caplog.text
-    from torchkeep.distributed import consolidate
+    from torchkeep.look.consolidate import consolidate
     with pytest.raises(CorruptCheckpointError, match="sha256"):
         consolidate(str(d), tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
@@ -331,7 +332,7 @@ def test_shard_metadata_is_read_without_running_code(two_ranks, tmp_path):
     import pickle
 
     from torchkeep import UnsafeCheckpointError
-    from torchkeep.distributed import _safe_reader
+    from torchkeep.keep.sharded.checkpointing import _safe_reader
 
     _ref(two_ranks)
     shards = os.path.join(two_ranks["dir"], native.step_dirname(6), sharded.SHARDS)

@@ -11,9 +11,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from torchkeep import CheckpointManager, TrainState, doctor
-from torchkeep.doctor import diagnose, fmt
-from torchkeep.fingerprint import _digest
+from torchkeep import CheckpointManager, TrainState
+from torchkeep.keep.doctor import live as doctor
+from torchkeep.keep.doctor.fingerprint import _digest
+from torchkeep.keep.doctor.folder import diagnose_folder
+from torchkeep.keep.doctor.live import diagnose, fmt
 
 SAVE_AT = 13  # epoch 1, batch 3 of 10
 
@@ -95,8 +97,8 @@ def resume(folder, state: TrainState, *, migrate: bool = False, strict: bool = T
 
 def test_fingerprint_is_recorded_with_the_checkpoint(original):
     folder, served = original
-    from torchkeep.formats import native
-    from torchkeep.store import storage_for
+    from torchkeep.read.formats import native
+    from torchkeep.store.backends import storage_for
 
     storage, root = storage_for(str(folder))
     (_, path), = native.committed_steps(storage, root)
@@ -114,14 +116,14 @@ def test_fingerprint_is_recorded_with_the_checkpoint(original):
 def test_a_correct_resume_has_no_finding(original, caplog):
     folder, served = original
     state = make()
-    with caplog.at_level(logging.INFO, logger="torchkeep.doctor"):
+    with caplog.at_level(logging.INFO, logger="torchkeep.keep.doctor.live"):
         mgr = CheckpointManager(folder)
         mgr.restore(state)
         assert mgr.findings == [] and mgr.doctor(state) == []
         batch = next(iter(state.batches()))
     assert batch[2].tolist() == served
     assert doctor.findings(state) == []
-    assert not [r for r in caplog.records if r.name == "torchkeep.doctor"]
+    assert not [r for r in caplog.records if r.name == "torchkeep.keep.doctor.live"]
 
 
 def test_scheduler_rebuilt(original, caplog):
@@ -135,7 +137,7 @@ def test_scheduler_rebuilt(original, caplog):
     def rebuild(state):  # the classic: the scheduler built again after the restore
         rebuilt.append(torch.optim.lr_scheduler.LambdaLR(state.optimizer, lambda s: 1.0))
 
-    with caplog.at_level(logging.WARNING, logger="torchkeep.doctor"):
+    with caplog.at_level(logging.WARNING, logger="torchkeep.keep.doctor.live"):
         found = resume(folder, make(), mistake=rebuild)
     assert found == [f"the scheduler was rebuilt, not restored: LR 1e-3, expected {fmt(lr)}; a new "
                      "LambdaLR at step 0 drives the optimizer, not the restored one"]
@@ -215,7 +217,7 @@ def test_doctor_cli_reads_the_resume_from_the_folder(original, tmp_path, cli):
     assert f"step {SAVE_AT + 4}: resumed from step {SAVE_AT} (checked at its first batch)" in p.stdout
     assert "the scheduler was rebuilt, not restored: LR 1e-3, expected" in p.stdout
     assert "1 problem found" in p.stdout
-    rep = doctor.diagnose_folder(good)  # the same report in-process (one subprocess is enough)
+    rep = diagnose_folder(good)  # the same report in-process (one subprocess is enough)
     assert rep.ok and [(b.kind, b.step, b.resumed_from) for b in rep.boundaries] == [
         ("resume", SAVE_AT + 4, SAVE_AT)]
     assert rep.verdict() == "every resume continues its checkpoint exactly"

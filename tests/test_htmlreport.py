@@ -10,8 +10,10 @@ import torch
 from torch import nn
 
 import torchkeep
-from torchkeep.htmlreport import ReportOptions, prepare, render_html, write_report
-from torchkeep.stats import Thresholds
+from torchkeep.look.report.data import ReportOptions, prepare
+from torchkeep.look.report.page import render_html
+from torchkeep.look.report.writer import write_report
+from torchkeep.look.stats import Thresholds
 
 
 class Classifier(nn.Module):
@@ -202,7 +204,7 @@ def test_all_tensors_includes_optimizer_state(finetune, tmp_path):
 
 
 def test_safetensors_pair(tmp_path):
-    pytest.importorskip("torchkeep.formats.safetensors", reason="safetensors reader not there yet")
+    pytest.importorskip("torchkeep.read.formats.safetensors", reason="safetensors reader not there yet")
     from safetensors.torch import save_file
 
     torch.manual_seed(3)
@@ -248,8 +250,8 @@ def test_thresholds_come_from_options(tmp_path):
 
 
 def test_torchkeep_training_state_folders(tmp_path, small_net):
-    manager = pytest.importorskip("torchkeep.manager", reason="CheckpointManager not there yet")
-    from torchkeep.state import TrainState
+    manager = pytest.importorskip("torchkeep.keep.manager", reason="CheckpointManager not there yet")
+    from torchkeep.keep.trainstate import TrainState
 
     state = TrainState(model=small_net)
     with manager.CheckpointManager(tmp_path / "run", keep_last=3) as mgr:

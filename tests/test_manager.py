@@ -14,8 +14,8 @@ import torch
 
 import torchkeep
 from torchkeep import CheckpointManager, CorruptCheckpointError, StateError, TrainState
-from torchkeep.formats import native
-from torchkeep.formats.native import NativeReader
+from torchkeep.read.formats import native
+from torchkeep.read.formats.native import NativeReader
 
 
 class Net(torch.nn.Module):
@@ -185,7 +185,7 @@ def test_kill_during_rotation_never_loses_kept_data(tmp_path, monkeypatch):
     mgr = CheckpointManager(d, keep_last=1, async_save=False)
     train_step(st)
     mgr.save(st)
-    from torchkeep import store
+    from torchkeep.store import backends as store
 
     def crash(self, path):
         raise KeyboardInterrupt("killed while deleting " + path)
@@ -239,7 +239,7 @@ def test_damaged_newest_falls_back_with_warning_and_verify_reports(tmp_path, cap
     m = json.load(open(os.path.join(d, "step-00000002", "manifest.json")))
     _flip(os.path.join(d, "blobs", m["tensors"]["model.body.weight"]["blob"] + ".safetensors"))
     st2 = make_state(seed=5)
-    with caplog.at_level(logging.WARNING, logger="torchkeep.manager"):
+    with caplog.at_level(logging.WARNING, logger="torchkeep.keep.manager"):
         assert CheckpointManager(d).restore(st2) == 1
     assert "crc32 mismatch" in caplog.text and "step-00000002" in caplog.text
     assert same_model(st2.model, good.model)
@@ -400,7 +400,7 @@ def test_native_reader_open_and_inspect(tmp_path, capsys, wide):
     assert ck.format == "torchkeep" and ck.summary.kind == "training-state"
     tree = ck.tree
     assert {"model", "optimizer", "scheduler", "rng", "progress"} <= set(tree)
-    assert isinstance(tree["model"]["body.weight"], torchkeep.TensorRef)
+    assert isinstance(tree["model"]["body.weight"], torchkeep.read.formats.base.TensorRef)
     assert tree["optimizer"]["param_names"][0] == "body.weight"
     assert ck.summary.wrapper == "model" and ck.metadata["metrics"] == {"loss": 0.25}
     sd = ck.state_dict()

@@ -9,8 +9,9 @@ from torch import nn
 
 import torchkeep
 from torchkeep import CheckpointManager, TrainState, TransferError
-from torchkeep.migrate import Migration, migrate_optimizer
-from torchkeep.zoo import LeNet5, LeNet5Moon, LeNet6
+from torchkeep.carry.migration.optimizer import migrate_optimizer
+from torchkeep.demo.models import LeNet5, LeNet5Moon, LeNet6
+from torchkeep.keep.migrating import Migration
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 3, sched=None, seed: int = 0) -> None:

@@ -11,9 +11,9 @@ from torch import nn
 
 import torchkeep
 from torchkeep import SurgeryError
-from torchkeep.modeling import (ModelSummary, freeze, is_eval_locked, param_groups, remove,
-                                replace, summary, trainable, truncate, unfreeze)
-from torchkeep.zoo import LeNet6, TinyBertClassifier, TinyResNet
+from torchkeep.demo.models import LeNet6, TinyBertClassifier, TinyResNet
+from torchkeep.shape import (ModelSummary, freeze, is_eval_locked, param_groups, remove, replace,
+                             summary, trainable, truncate, unfreeze)
 
 
 def grads(model: nn.Module) -> dict[str, bool]:

@@ -13,7 +13,8 @@ import subprocess
 import pytest
 import torch
 
-from torchkeep.htmlreport import ReportOptions, write_report
+from torchkeep.look.report.data import ReportOptions
+from torchkeep.look.report.writer import write_report
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 pytestmark = pytest.mark.skipif(

@@ -14,9 +14,9 @@ import signal
 import time
 
 import pytest
+import resume_worker as rw
 import torch
 
-import resume_worker as rw
 from torchkeep import CheckpointManager
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file, save_model
 
 import torchkeep
-from torchkeep.formats.safetensors import DTYPES, SafetensorsReader
+from torchkeep.read.formats.safetensors import DTYPES, SafetensorsReader
 
 DTYPE_LIST = sorted({d for d in DTYPES.values()}, key=str)
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import torchkeep
-from torchkeep.safety import classify
-from torchkeep.scanning import scan_pickle
+from torchkeep.read.scanner import scan_pickle
+from torchkeep.read.unpickler import classify
 
 
 class Payload:

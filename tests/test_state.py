@@ -12,9 +12,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hst
 
-from torchkeep import StateError, TrainState, serial
-from torchkeep.progress import ResumableIndexSampler
-
+from torchkeep import StateError, TrainState
+from torchkeep.keep.progress import ResumableIndexSampler
+from torchkeep.store import typedjson as serial
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import torchkeep
-from torchkeep.stats import (StorageLoader, Thresholds, chunks, flag, histogram, stream_pair,
-                             stream_stats, tensor_stats)
+from torchkeep.look.stats import (StorageLoader, Thresholds, chunks, flag, histogram, stream_pair,
+                                  stream_stats, tensor_stats)
 
 
 def reference(t: torch.Tensor) -> dict:
@@ -146,7 +146,7 @@ def test_stats_property_against_torch(values, cols, chunk):
 
 
 def test_pair_changes_match_torch_norms():
-    from torchkeep.formats.base import ref_of
+    from torchkeep.read.formats.base import ref_of
     torch.manual_seed(4)
     a = {"w": torch.randn(50, 20), "same": torch.randn(7), "z": torch.zeros(4), "n": torch.tensor([1.0, 2.0])}
     b = {"w": a["w"] + 0.01 * torch.randn(50, 20), "same": a["same"].clone(), "z": torch.ones(4),
@@ -200,14 +200,14 @@ def test_stream_stats_over_a_torch_save_file(tmp_path):
 
 def test_storage_loader_lets_go_of_tensors():
     t = torch.arange(10.0)
-    from torchkeep.formats.base import ref_of
+    from torchkeep.read.formats.base import ref_of
     loader = StorageLoader({"a": ref_of(t), "b": ref_of(t * 2)})
     assert torch.equal(loader.take("b"), t * 2) and torch.equal(loader.take("a"), t)
     assert not loader._held
 
 
 def test_stream_pair_orders_names_and_shares_histogram_range():
-    from torchkeep.formats.base import ref_of
+    from torchkeep.read.formats.base import ref_of
     torch.manual_seed(6)
     a = {"x": torch.randn(10, 3), "gone": torch.ones(2), "head": torch.randn(4, 3)}
     b = {"x": a["x"] * 3, "head": torch.randn(5, 3), "new": torch.zeros(2)}

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import torchkeep
-from torchkeep.formats.base import TensorRef
+from torchkeep.read.formats.base import TensorRef
 
 ALL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8,
               torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128,
@@ -80,7 +80,7 @@ def test_views_offsets_strides_and_shared_storage(tmp_path, legacy):
 
 def test_entries_read_no_tensor_bytes(tmp_path, monkeypatch):
     torch.save({"w": torch.randn(100, 100)}, tmp_path / "a.pt")
-    from torchkeep.formats import torchzip
+    from torchkeep.read.formats import torchzip
 
     def boom(*a, **k):
         raise AssertionError("tensor bytes were read")

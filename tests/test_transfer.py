@@ -9,7 +9,8 @@ from torch import nn
 
 import torchkeep
 from torchkeep import TransferError, transfer
-from torchkeep.zoo import LeNet5, LeNet5Moon, LeNet6, TinyBert, TinyBertClassifier, TinyResNet
+from torchkeep.demo.models import (LeNet5, LeNet5Moon, LeNet6, TinyBert, TinyBertClassifier,
+                                   TinyResNet)
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

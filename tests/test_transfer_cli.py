@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from torchkeep.zoo import LeNet5, LeNet6
+from torchkeep.demo.models import LeNet5, LeNet6
 
 
 def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -22,7 +22,7 @@ def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
 def test_plan_into_a_factory_prints_every_fate(tmp_path):
     src = tmp_path / "lenet5.pt"
     torch.save(nn.DataParallel(LeNet5()).state_dict(), src)
-    p = cli(str(src), "--into", "torchkeep.zoo:LeNet6", "--kwargs", '{"num_classes": 10}')
+    p = cli(str(src), "--into", "torchkeep.demo.models:LeNet6", "--kwargs", '{"num_classes": 10}')
     assert p.returncode == 0, p.stderr
     out = p.stdout
     assert "loaded 8 of 12 target tensors (0 adapted), 4 missing" in out
@@ -60,7 +60,7 @@ def test_strict_fails_with_every_problem_and_writes_nothing(tmp_path):
     src = tmp_path / "lenet5.safetensors"
     save_file(LeNet5().state_dict(), str(src))
     out = tmp_path / "out.safetensors"
-    p = cli(str(src), "--into", "torchkeep.zoo:LeNet6", "--strict", "--out", str(out))
+    p = cli(str(src), "--into", "torchkeep.demo.models:LeNet6", "--strict", "--out", str(out))
     assert p.returncode == 2
     assert p.stderr.startswith("torchkeep: error: transfer")
     for problem in ("missing fc.7.weight", "missing fc.5.bias", "unused fc.5.weight"):

@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from torchkeep import transfer  # noqa: E402
+from torchkeep import transfer
 
 
 def tiny_config(**kw):

@@ -6,8 +6,8 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torchkeep.keys import align_prefixes, natural_key
-from torchkeep.matching import ModuleGroup, align, lcs_candidates
+from torchkeep.carry.matching import ModuleGroup, align, lcs_candidates
+from torchkeep.read.keys import align_prefixes, natural_key
 
 
 def brute_candidates(s, t):

@@ -2,18 +2,20 @@
 
 Open any checkpoint without running code from it, carry weights into a changed model with a
 full report, and resume training runs exactly after a crash.
+
+The top level holds the verbs a user calls, ``TrainState``, ``CheckpointManager`` and the
+exceptions. Result types live in the subpackage of their job (``torchkeep.read``,
+``torchkeep.keep``, ``torchkeep.carry``, ``torchkeep.look``) and are importable from there.
 """
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from torchkeep.version import __version__
 
-# Public names and the module that defines each. Imported on first use so that
-# `import torchkeep` stays cheap and the layers stay independent.
+# Public name -> the module that defines it. Imported on first use, so that `import torchkeep`
+# stays cheap (no torch.distributed, no frameworks) and the layers stay independent.
 _EXPORTS: dict[str, str] = {
     # errors
     "TorchkeepError": "errors",
@@ -23,42 +25,27 @@ _EXPORTS: dict[str, str] = {
     "TransferError": "errors",
     "StateError": "errors",
     "SurgeryError": "errors",
-    # reading
-    "open": "checkpoint",
-    "Checkpoint": "checkpoint",
-    "Entry": "checkpoint",
-    "Summary": "checkpoint",
-    "TensorRef": "formats.base",
-    "Opaque": "safety",
-    "scan": "scanning",
-    "ScanReport": "scanning",
-    "GlobalRef": "safety",
-    "diff": "diffing",
-    "DiffReport": "diffing",
-    "write_report": "htmlreport",
-    "convert": "convert",
-    "consolidate": "distributed",
-    "ConvertResult": "convert",
-    # transfer and model shaping
-    "transfer": "transfer",
-    "TransferReport": "transfer",
-    "freeze": "modeling",
-    "unfreeze": "modeling",
-    "trainable": "modeling",
-    "param_groups": "modeling",
-    "summary": "modeling",
-    "ModelSummary": "modeling",
-    "remove": "modeling",
-    "replace": "modeling",
-    "truncate": "modeling",
-    # training state
-    "TrainState": "state",
-    "CheckpointManager": "manager",
-    "Migration": "migrate",
-    "MigrationReport": "migrate",
-    "OptimizerReport": "migrate",
-    "Finding": "doctor",
-    "CheckpointInfo": "manager",
+    # look: read any checkpoint safely, compare, convert, report
+    "open": "read.checkpoint",
+    "Checkpoint": "read.checkpoint",
+    "scan": "read.scanner",
+    "diff": "look.diffing",
+    "convert": "look.conversion",
+    "consolidate": "look.consolidate",
+    "write_report": "look.report.writer",
+    # carry and shape
+    "transfer": "carry.planner",
+    "freeze": "shape",
+    "unfreeze": "shape",
+    "trainable": "shape",
+    "param_groups": "shape",
+    "summary": "shape",
+    "remove": "shape",
+    "replace": "shape",
+    "truncate": "shape",
+    # keep
+    "TrainState": "keep.trainstate",
+    "CheckpointManager": "keep.manager",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -77,27 +64,17 @@ def __dir__() -> list[str]:
     return __all__
 
 
-class _Package(types.ModuleType):
-    """Keeps ``torchkeep.transfer`` / ``torchkeep.convert`` the functions: importing the
-    submodule of the same name would otherwise make the import system overwrite them."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if (isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}"
-                and _EXPORTS.get(name) == name):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
 if TYPE_CHECKING:  # pragma: no cover
-    from .checkpoint import Checkpoint, Entry, Summary, open
-    from .errors import (CorruptCheckpointError, FormatError, StateError, SurgeryError,
-                         TorchkeepError, TransferError, UnsafeCheckpointError)
-    from .formats.base import TensorRef
-    from .manager import CheckpointInfo, CheckpointManager
-    from .safety import GlobalRef, Opaque
-    from .scanning import ScanReport, scan
-    from .state import TrainState
-    from .transfer import TransferReport, transfer
+    from torchkeep.carry.planner import transfer
+    from torchkeep.errors import (CorruptCheckpointError, FormatError, StateError, SurgeryError,
+                                  TorchkeepError, TransferError, UnsafeCheckpointError)
+    from torchkeep.keep.manager import CheckpointManager
+    from torchkeep.keep.trainstate import TrainState
+    from torchkeep.look.consolidate import consolidate
+    from torchkeep.look.conversion import convert
+    from torchkeep.look.diffing import diff
+    from torchkeep.look.report.writer import write_report
+    from torchkeep.read.checkpoint import Checkpoint, open
+    from torchkeep.read.scanner import scan
+    from torchkeep.shape import (freeze, param_groups, remove, replace, summary, trainable,
+                                 truncate, unfreeze)

@@ -10,7 +10,7 @@ import importlib
 import logging
 import sys
 
-from ..errors import TorchkeepError
+from torchkeep.errors import TorchkeepError
 
 # Command modules under torchkeep.cli; each defines register(subparsers).
 COMMAND_MODULES = ["inspect", "scan", "diff", "convert", "transfer", "manage", "demo",
@@ -18,7 +18,7 @@ COMMAND_MODULES = ["inspect", "scan", "diff", "convert", "transfer", "manage", "
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from torchkeep.version import __version__
 
     p = argparse.ArgumentParser(prog="torchkeep", description="Keep PyTorch model and training state.")
     p.add_argument("--version", action="version", version=f"torchkeep {__version__}")

@@ -7,7 +7,7 @@ import argparse
 
 from rich.markup import escape
 
-from ._render import console, human_bytes, print_json, percent_progress
+from torchkeep.cli._render import console, human_bytes, percent_progress, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..distributed import consolidate
+    from torchkeep.look.consolidate import consolidate
 
     with percent_progress("consolidating") as on_progress:
         res = consolidate(args.src, args.dst, step=args.step, everything=args.everything,

@@ -6,7 +6,7 @@ import argparse
 
 from rich.markup import escape
 
-from ._render import console, human_bytes, print_json, percent_progress
+from torchkeep.cli._render import console, human_bytes, percent_progress, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..convert import convert
+    from torchkeep.look.conversion import convert
 
     with percent_progress("converting") as on_progress:
         res = convert(args.src, args.dst, strip_prefix=args.strip_prefix, add_prefix=args.add_prefix,

@@ -2,7 +2,7 @@
 
 Train LeNet5 on the 8×8 handwritten digits with checkpoints, SIGKILL a training process and
 resume it bit for bit, export for inference, carry the weights into LeNet6 and fine-tune the new
-layers. The logic is in :mod:`torchkeep.demo`; this module only renders it.
+layers. The logic is in :mod:`torchkeep.demo.story`; this module only renders it.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ._render import console, human_bytes, human_count
+from torchkeep.cli._render import console, human_bytes, human_count
 
 MARKER = ".torchkeep-demo"
 OWNED = ("reference", "ckpt", "finetune", "lenet5.safetensors", MARKER)
@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import demo
+    from torchkeep.demo import story as demo
 
     steps = demo.DemoConfig.steps if args.steps is None else args.steps
     if steps < 10:
@@ -53,8 +53,6 @@ def run(args: argparse.Namespace) -> int:
     bars = not args.quiet and sys.stderr.isatty()
     directory = _prepare(args.dir)
     t_start = time.perf_counter()
-    ref_dir, ckpt_dir, ft_dir = (os.path.join(directory, n) for n in ("reference", "ckpt", "finetune"))
-    export_path = os.path.join(directory, "lenet5.safetensors")
 
     data = demo.digits(cfg)
     out.print(f"[bold]torchkeep demo[/]: {human_count(len(data.train_labels))} train / "
@@ -64,7 +62,28 @@ def run(args: argparse.Namespace) -> int:
     out.print(f"LeNet5, {cfg.steps} steps of Adam + cosine LR, batch {cfg.batch_size}, shuffled; "
               f"a checkpoint every {cfg.every_steps} steps; everything goes to {directory}/")
 
-    # 1. keep: the same run twice, one of them killed and resumed
+    crash, cmp = _keep(out, say, bars, demo, cfg, data, directory)
+    exp = _export(out, demo, crash.resumed.checkpoint, os.path.join(directory, "lenet5.safetensors"),
+                  data)
+    model6, report = _carry(out, demo, exp.path, cfg, quiet=args.quiet)
+    _shape(out, bars, demo, model6, report, data, cfg, os.path.join(directory, "finetune"))
+
+    out.print(f"\nDone in {time.perf_counter() - t_start:.1f} s. Look at what it left:")
+    rel = _rel(directory)
+    for cmd in (f"torchkeep ls {rel}/ckpt",
+                f"torchkeep inspect {_rel(crash.resumed.checkpoint)}",
+                f"torchkeep diff {_rel(crash.reference.checkpoint)} {_rel(crash.resumed.checkpoint)}",
+                f"torchkeep inspect {_rel(exp.path)}",
+                f"torchkeep ls {rel}/finetune"):
+        out.print(f"  {cmd}", highlight=False, markup=False)
+    return 0 if cmp.identical else 1
+
+
+def _keep(out: Console, say: Any, bars: bool, demo: Any, cfg: Any, data: Any, directory: str
+          ) -> tuple[Any, Any]:
+    """1. keep: the same run twice, one of them killed and resumed; their final checkpoints
+    compared tensor by tensor."""
+    ref_dir, ckpt_dir = os.path.join(directory, "reference"), os.path.join(directory, "ckpt")
     _heading(out, 1, "Train, crash, resume: two processes train the same run side by side")
     say(f"   A (this process) trains without interruption. B (a child) is SIGKILLed right after it "
         f"starts writing its first checkpoint at or past step {cfg.kill_at}; a fresh process C "
@@ -98,26 +117,36 @@ def run(args: argparse.Namespace) -> int:
         out.print(f"   [red]✗ NOT bit-identical[/]: {len(cmp.different)} of {cmp.n_tensors} tensors "
                   f"differ (max |a-b| {cmp.max_abs_diff:.3g}); {len(cmp.only_a)} only in A, "
                   f"{len(cmp.only_b)} only in C; first: {', '.join(first)}")
+    return crash, cmp
 
-    # 2. carry, part one: weights for inference
+
+def _export(out: Console, demo: Any, checkpoint: str, export_path: str, data: Any) -> Any:
+    """2. carry, part one: the weights for inference, evaluated in a fresh model."""
     _heading(out, 2, "Save for inference and evaluate")
-    exp = demo.export_for_inference(resumed.checkpoint, export_path, data)
-    out.print(f"   torchkeep.convert took the '{exp.wrapper}' part of {_rel(resumed.checkpoint)} → "
+    exp = demo.export_for_inference(checkpoint, export_path, data)
+    out.print(f"   torchkeep.convert took the '{exp.wrapper}' part of {_rel(checkpoint)} → "
               f"{_rel(exp.path)}: {exp.n_tensors} tensors, {human_count(exp.n_params)} parameters, "
               f"{human_bytes(exp.nbytes)}, {'verified' if exp.verified else 'NOT verified'}")
     out.print(f"   loaded strictly into a fresh LeNet5: test accuracy [bold]{exp.accuracy:.1%}[/]")
+    return exp
 
-    # 3. carry, part two: into a changed model
+
+def _carry(out: Console, demo: Any, path: str, cfg: Any, *, quiet: bool) -> tuple[Any, Any]:
+    """3. carry, part two: into a changed model, with the full report."""
     _heading(out, 3, "Transfer into LeNet6 (one more Linear: fc.5 changes shape, fc.7 is new)")
-    model6, report = demo.transfer_to_lenet6(exp.path, cfg)
+    model6, report = demo.transfer_to_lenet6(path, cfg)
     out.print("   " + report.headline())
-    if not args.quiet:
+    if not quiet:
         if out.is_terminal:
             out.print(_report_table(report))
         else:
             out.print("\n".join("   " + line for line in report.table().splitlines()))
+    return model6, report
 
-    # 4. shape: freeze what was carried, train the rest
+
+def _shape(out: Console, bars: bool, demo: Any, model6: Any, report: Any, data: Any, cfg: Any,
+           ft_dir: str) -> None:
+    """4. shape: freeze what was carried, train the rest."""
     _heading(out, 4, "Freeze the transferred layers, fine-tune the new ones")
     with _bars(bars, {"finetune": "fine-tune"}, cfg.finetune_steps) as bar:
         ft = demo.finetune(model6, report, data, cfg, directory=ft_dir,
@@ -130,16 +159,6 @@ def run(args: argparse.Namespace) -> int:
         step, nbytes, written = ft.checkpoints[-1]
         out.print(f"   its checkpoint of step {step} holds {human_bytes(nbytes)} of tensors and wrote "
                   f"{human_bytes(written)}: unchanged tensors already stored are not written again")
-
-    out.print(f"\nDone in {time.perf_counter() - t_start:.1f} s. Look at what it left:")
-    rel = _rel(directory)
-    for cmd in (f"torchkeep ls {rel}/ckpt",
-                f"torchkeep inspect {_rel(resumed.checkpoint)}",
-                f"torchkeep diff {_rel(ref.checkpoint)} {_rel(resumed.checkpoint)}",
-                f"torchkeep inspect {_rel(exp.path)}",
-                f"torchkeep ls {rel}/finetune"):
-        out.print(f"  {cmd}", highlight=False, markup=False)
-    return 0 if cmp.identical else 1
 
 
 def _prepare(directory: str) -> str:

@@ -7,7 +7,7 @@ import math
 from rich.markup import escape
 from rich.table import Table
 
-from ._render import console, print_json
+from torchkeep.cli._render import console, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +38,7 @@ def _shape(s) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..diffing import diff
+    from torchkeep.look.diffing import diff
 
     rep = diff(args.a, args.b, trust=args.trust)
     if args.json:

@@ -5,7 +5,7 @@ import argparse
 
 from rich.markup import escape
 
-from ._render import console, print_json
+from torchkeep.cli._render import console, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..doctor import diagnose_folder
+    from torchkeep.keep.doctor.folder import diagnose_folder
 
     rep = diagnose_folder(args.directory)
     if args.json:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..errors import TorchkeepError
+from torchkeep.errors import TorchkeepError
 
 
 def build_model(spec: str, kwargs: dict[str, Any] | None = None) -> torch.nn.Module:

@@ -10,10 +10,10 @@ from typing import Any
 from rich.table import Table
 from rich.tree import Tree
 
-from ..checkpoint import Checkpoint, Entry
-from ..formats.base import TensorRef
-from ..safety import Opaque
-from ._render import console, dtype_name, human_bytes, human_count, print_json
+from torchkeep.cli._render import console, dtype_name, human_bytes, human_count, print_json
+from torchkeep.read.checkpoint import Checkpoint, Entry
+from torchkeep.read.formats.base import TensorRef
+from torchkeep.read.unpickler import Opaque
 
 MAX_GROUPS = 40
 MAX_VALUES = 40
@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import checkpoint
+    from torchkeep.read import checkpoint
 
     if ":" in args.path and not os.path.exists(args.path):
         return _inspect_factory(args)
@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
 def other_values(obj: Any) -> dict[str, Any]:
     """Non-tensor leaves by dotted name; short lists of plain values stay whole (betas, params)."""
-    from .. import tree as _tree_mod
-    from ..safety import module_children
+    from torchkeep.read import tree as _tree_mod
+    from torchkeep.read.unpickler import module_children
 
     def children(o: Any) -> Any:
         return module_children(o) if isinstance(o, Opaque) else None
@@ -195,7 +195,7 @@ def _tree(obj: Any, label: str) -> Tree:
 
 
 def _add(node: Tree, obj: Any, depth: int) -> None:
-    from ..safety import module_children
+    from torchkeep.read.unpickler import module_children
 
     if depth > 12:
         node.add("…")
@@ -243,8 +243,8 @@ def _json_value(v: Any) -> Any:
 def _inspect_factory(args: argparse.Namespace) -> int:
     import json
 
-    from ..modeling import summary
-    from .factory import build_model
+    from torchkeep.cli.factory import build_model
+    from torchkeep.shape import summary
 
     model = build_model(args.path, json.loads(args.kwargs))
     s = summary(model)

@@ -7,7 +7,7 @@ import os
 
 from rich.table import Table
 
-from ._render import console, human_bytes, print_json
+from torchkeep.cli._render import console, human_bytes, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _manager(directory: str):
-    from ..manager import CheckpointManager
+    from torchkeep.keep.manager import CheckpointManager
 
     if "://" not in directory and not os.path.isdir(directory):
         raise FileNotFoundError(2, "no such folder", directory)
@@ -87,9 +87,9 @@ def run_ls(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from ..formats import native
-    from ..manager import CheckpointInfo
-    from ..store import storage_for
+    from torchkeep.keep.manager import CheckpointInfo
+    from torchkeep.read.formats import native
+    from torchkeep.store.backends import storage_for
 
     directory = args.directory
     storage, root = storage_for(directory)

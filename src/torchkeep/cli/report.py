@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ._render import console, human_bytes, progress
+from torchkeep.cli._render import console, human_bytes, progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,9 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..htmlreport import ReportOptions, prepare, render_html
-    from ..stats import Thresholds
-    from ..store import atomic_write
+    from torchkeep.look.report.data import ReportOptions, prepare
+    from torchkeep.look.report.page import render_html
+    from torchkeep.look.stats import Thresholds
+    from torchkeep.store.files import atomic_write
 
     if args.top < 0 or args.bins < 1:
         raise ValueError("--top must be >= 0 and --bins >= 1")

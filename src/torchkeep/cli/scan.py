@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import TorchkeepError
-from ._render import console, print_json
+from torchkeep.cli._render import console, print_json
+from torchkeep.errors import TorchkeepError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..scanning import scan
+    from torchkeep.read.scanner import scan
 
     out, err = console(), console(stderr=True)
     status = 0

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import TransferError
-from ..transfer import MATCH_MODES, TransferReport, transfer
-from . import _render
-from .factory import build_model
+from torchkeep.carry.planner import MATCH_MODES, TransferReport, transfer
+from torchkeep.cli import _render
+from torchkeep.cli.factory import build_model
+from torchkeep.errors import TransferError
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
@@ -60,7 +60,7 @@ def _is_factory(spec: str) -> bool:
 
 
 def _open(path: str, trust: bool):
-    from ..checkpoint import open as _open_ckpt
+    from torchkeep.read.checkpoint import open as _open_ckpt
     return _open_ckpt(path, trust=trust)
 
 
@@ -100,7 +100,7 @@ def write_safetensors(state: dict[str, torch.Tensor], path: str, metadata: dict[
     Tensors that share memory (tied weights) are written as separate copies."""
     from safetensors.torch import save_file
 
-    from ..store import fsync_dir, fsync_file, tmp_name
+    from torchkeep.store.files import fsync_dir, fsync_file, tmp_name
 
     seen: set[int] = set()
     out = {}
@@ -154,9 +154,9 @@ def run(args: argparse.Namespace) -> int:
                       adapt=not args.no_adapt, strict=args.strict, dry_run=not writing)
     report.source, report.target = str(args.src), target_label
     if writing:
-        meta = {"format": "pt", "torchkeep.transfer.source": str(args.src),
-                "torchkeep.transfer.target": target_label,
-                "torchkeep.transfer.counts": json.dumps(report.counts)}
+        meta = {"format": "pt", "torchkeep.carry.planner.source": str(args.src),
+                "torchkeep.carry.planner.target": target_label,
+                "torchkeep.carry.planner.counts": json.dumps(report.counts)}
         write_safetensors(_state_dict(target), args.out, meta)
     if args.json:
         d = report.to_dict()

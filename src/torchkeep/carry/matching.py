@@ -1,0 +1,149 @@
+"""Structural matching: pair the modules of two models by registration order and shapes.
+
+Used by :func:`torchkeep.transfer` for tensors whose names found no counterpart (a module
+renamed from ``conv`` to ``moon``). Modules are compared by their signature (leaf names and
+shapes); the two module sequences are aligned as a longest common subsequence, and only pairs
+that every optimal alignment contains are accepted. Everything here is polynomial: a
+bit-parallel LCS (O(n*m/wordsize)) plus one look-up per cell whose signatures agree.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from torchkeep.read.keys import module_path
+
+Signature = tuple[tuple[str, tuple[int, ...]], ...]
+
+
+@dataclass(frozen=True)
+class ModuleGroup:
+    """The tensors of one module that are still unmatched, with their shape signature."""
+
+    path: str                       # module path ('' for tensors at the root)
+    tensors: dict[str, str]         # leaf -> full tensor name
+    signature: Signature
+
+    @property
+    def label(self) -> str:
+        return self.path or "<root>"
+
+
+@dataclass(frozen=True)
+class ModuleMatch:
+    """One accepted pair of modules and the tensors it pairs (source -> target)."""
+
+    source: ModuleGroup
+    target: ModuleGroup
+    rank: int           # position of this pair in the alignment, 1-based
+    of: int             # pairs in the optimal alignment
+
+    @property
+    def tensors(self) -> dict[str, str]:
+        return {self.source.tensors[leaf]: self.target.tensors[leaf] for leaf in self.source.tensors}
+
+    @property
+    def reason(self) -> str:
+        return (f"structure: module {self.source.label} -> {self.target.label} "
+                f"(pair {self.rank} of {self.of} aligned by order and shapes)")
+
+
+@dataclass
+class Alignment:
+    """Accepted module pairs, and the source modules that fit several targets equally well."""
+
+    matches: list[ModuleMatch] = field(default_factory=list)
+    ambiguous: dict[str, list[str]] = field(default_factory=dict)  # source path -> target paths
+
+
+def group_modules(names: Sequence[str], shapes: Mapping[str, tuple[int, ...]]) -> list[ModuleGroup]:
+    """Tensors grouped by module path, modules in order of first appearance in ``names``."""
+    groups: dict[str, dict[str, str]] = {}
+    for name in names:
+        path = module_path(name)
+        leaf = name[len(path) + 1:] if path else name
+        groups.setdefault(path, {})[leaf] = name
+    out = []
+    for path, leaves in groups.items():
+        sig = tuple(sorted((leaf, tuple(shapes[n])) for leaf, n in leaves.items()))
+        out.append(ModuleGroup(path, leaves, sig))
+    return out
+
+
+def _lcs_rows(s: Sequence[int], t: Sequence[int]) -> list[int]:
+    """Bit-parallel LCS (Allison-Dix / Hyyro): row i is a bit vector over t whose zero bits,
+    counted below position j, give LCS(s[:i], t[:j])."""
+    masks: dict[int, int] = {}
+    for j, c in enumerate(t):
+        masks[c] = masks.get(c, 0) | (1 << j)
+    full = (1 << len(t)) - 1
+    v = full
+    rows = [v]
+    for c in s:
+        u = v & masks.get(c, 0)
+        v = ((v + u) | (v - u)) & full
+        rows.append(v)
+    return rows
+
+
+def _prefix_lcs(rows: list[int], i: int, j: int) -> int:
+    return j - (rows[i] & ((1 << j) - 1)).bit_count()
+
+
+def lcs_candidates(s: Sequence[int], t: Sequence[int]) -> tuple[int, list[tuple[int, int, int]]]:
+    """Length of the LCS of ``s`` and ``t`` and every (i, j, rank) with s[i] == t[j] that lies on
+    some longest common subsequence; rank is its 1-based position in that subsequence."""
+    n, m = len(s), len(t)
+    if not n or not m:
+        return 0, []
+    fwd = _lcs_rows(s, t)
+    bwd = _lcs_rows(s[::-1], t[::-1])
+    total = _prefix_lcs(fwd, n, m)
+    where: dict[int, list[int]] = {}
+    for j, c in enumerate(t):
+        where.setdefault(c, []).append(j)
+    out = []
+    for i, c in enumerate(s):
+        cols = where.get(c)
+        if not cols:
+            continue
+        # LCS(s[:i], t[:j]) <= min(i, j) and LCS(s[i+1:], t[j+1:]) <= min(n-i-1, m-j-1), so a
+        # pair on a longest subsequence lies in a band around the diagonal; near-identical
+        # sequences (the usual case) have a narrow one.
+        lo = bisect.bisect_left(cols, i + total - n)
+        hi = bisect.bisect_right(cols, i + m - total)
+        for j in cols[lo:hi]:
+            before = _prefix_lcs(fwd, i, j)
+            after = _prefix_lcs(bwd, n - i - 1, m - j - 1)  # LCS(s[i+1:], t[j+1:])
+            if before + 1 + after == total:
+                out.append((i, j, before + 1))
+    return total, out
+
+
+def align(source: Sequence[ModuleGroup], target: Sequence[ModuleGroup]) -> Alignment:
+    """Pair source and target modules in order where the pairing is forced.
+
+    Every optimal alignment takes exactly one candidate pair of each rank, so a pair that is
+    the only candidate of its rank is in all of them (unambiguous); ranks with several
+    candidates are reported as ambiguous instead of guessed.
+    """
+    ids: dict[Signature, int] = {}
+    s = [ids.setdefault(g.signature, len(ids)) for g in source]
+    t = [ids.setdefault(g.signature, len(ids)) for g in target]
+    total, cands = lcs_candidates(s, t)
+    by_rank: dict[int, list[tuple[int, int]]] = {}
+    for i, j, r in cands:
+        by_rank.setdefault(r, []).append((i, j))
+    result = Alignment()
+    for r in sorted(by_rank):
+        pairs = by_rank[r]
+        if len(pairs) == 1:
+            i, j = pairs[0]
+            result.matches.append(ModuleMatch(source[i], target[j], r, total))
+        else:
+            for i, j in pairs:
+                result.ambiguous.setdefault(source[i].path, []).append(target[j].path)
+    matched = {m.source.path for m in result.matches}
+    result.ambiguous = {k: sorted(set(v)) for k, v in result.ambiguous.items() if k not in matched}
+    return result

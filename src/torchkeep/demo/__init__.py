@@ -1,0 +1,1 @@
+"""The demo: the seed articles' story on shipped data, with its reference models. Not the library."""

@@ -1,0 +1,1 @@
+"""The resume doctor: say in words why a resumed run does not continue the original one."""

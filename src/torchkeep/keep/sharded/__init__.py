@@ -1,0 +1,1 @@
+"""Saving and restoring across the ranks of a process group through torch.distributed.checkpoint."""

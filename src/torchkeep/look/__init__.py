@@ -1,0 +1,1 @@
+"""Look at whole checkpoints: diff, convert, consolidate, streaming statistics, the HTML report."""

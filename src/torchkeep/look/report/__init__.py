@@ -1,0 +1,1 @@
+"""The HTML report: data (prepare), page (render, with svg), writer (write atomically)."""
