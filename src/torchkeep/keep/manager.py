@@ -20,7 +20,6 @@ import signal
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import torch
@@ -30,6 +29,7 @@ from torchkeep.keep.commits import CommitEntry, plain_metrics, resolve_step
 from torchkeep.keep.retention import CheckpointInfo, ranked_best, steps_to_keep
 from torchkeep.keep.retention import tensor_signatures as _signatures
 from torchkeep.keep.retention import unchanged_since as _unchanged
+from torchkeep.staging import Stager
 from torchkeep.keep.trainstate import TrainState
 from torchkeep.read.formats import native
 from torchkeep.read.formats.native import Snapshot
@@ -41,7 +41,6 @@ from torchkeep.store.files import is_tmp
 log = logging.getLogger(__name__)
 
 Which = Literal["latest", "best"] | int
-SNAPSHOT_THREADS = 4  # parallel copies into the staging buffers (memcpy releases the GIL)
 
 
 class CheckpointManager:
@@ -78,7 +77,7 @@ class CheckpointManager:
         self._error: BaseException | None = None
         self._entries: dict[int, CommitEntry] | None = None   # the writer's view, from the first save on
         self._lock_cm: Any = None
-        self._staging: dict[str, torch.Tensor] = {}
+        self._stager = Stager()  # host buffers of the snapshot, reused by every save
         # key -> (live tensor, version counter, blob digest, crc32) of the last written save
         self._prev: dict[str, tuple[torch.Tensor, int, str, int]] = {}
         self._last_save = time.monotonic()
@@ -220,53 +219,11 @@ class CheckpointManager:
             in_place(*job)
 
     def _snapshot(self, enc: serial.Encoded) -> Snapshot:
-        """CPU tensors that stay unchanged until written: copies into reused staging buffers for
-        an asynchronous save (pinned for CUDA tensors); the live CPU tensors otherwise.
-
-        Copies run on a few threads: one thread's memcpy leaves most memory bandwidth unused.
-        """
-        tensors: dict[str, torch.Tensor] = {}
-        devices: dict[str, str] = {}
-        sync_devices: set[torch.device] = set()
-        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for key, t in enc.tensors.items():
-            on_cpu = t.device.type == "cpu"
-            if not on_cpu:
-                devices[key] = str(t.device)
-                sync_devices.add(t.device)
-            if on_cpu and not self.async_save and t.is_contiguous() and not t.is_conj() and not t.is_neg():
-                tensors[key] = t
-                continue
-            buf = self._staging.get(key)
-            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                pin = t.device.type == "cuda"
-                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
-                self._staging[key] = buf
-            copies.append((buf, t))
-            tensors[key] = buf
-        for key in [k for k in self._staging if k not in tensors or tensors[k] is not self._staging[k]]:
-            del self._staging[key]
-
-        def copy(pair: tuple[torch.Tensor, torch.Tensor]) -> None:
-            buf, t = pair
-            with torch.no_grad():
-                buf.copy_(t, non_blocking=t.device.type == "cuda")  # pinned: synchronized below
-
-        big = [c for c in copies if c[1].nbytes >= 1 << 20 and c[1].device.type == "cpu"]
-        rest = [c for c in copies if not (c[1].nbytes >= 1 << 20 and c[1].device.type == "cpu")]
-        for c in rest:
-            copy(c)
-        if len(big) > 1:
-            big.sort(key=lambda c: -c[1].nbytes)
-            with ThreadPoolExecutor(SNAPSHOT_THREADS, thread_name_prefix="torchkeep-snapshot") as pool:
-                list(pool.map(copy, big))
-        else:
-            for c in big:
-                copy(c)
-        for d in sync_devices:
-            if d.type == "cuda":
-                torch.cuda.synchronize(d)
-        return Snapshot(enc.tree, tensors, devices)
+        """CPU tensors that stay unchanged until written, complete before this returns: copies
+        into reused staging buffers (pinned for CUDA tensors; see :mod:`torchkeep.staging`),
+        or the live CPU tensors of a synchronous save."""
+        staged = self._stager.stage(enc.tensors, copy_cpu=self.async_save)
+        return Snapshot(enc.tree, staged.tensors, staged.devices)
 
     def _run_write(self, *job: Any) -> None:
         try:
@@ -543,7 +500,7 @@ class CheckpointManager:
             self.wait()
         finally:
             self._closed = True
-            self._staging.clear()
+            self._stager.release()
             self._prev.clear()
             if self._lock_cm is not None:
                 self._lock_cm.__exit__(None, None, None)
