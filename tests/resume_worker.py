@@ -47,6 +47,7 @@ class Config:
     async_save: bool = True
     keep_last: int = 2
     seed: int = 1234
+    device: str = "cpu"        # 'cuda': deterministic kernels, set up by deterministic_cuda()
 
 
 def _die() -> None:
@@ -133,7 +134,7 @@ def build(cfg: Config) -> TrainState:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    model = Net(cfg.hidden)
+    model = Net(cfg.hidden).to(cfg.device)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=cfg.steps + 1)
     loader = torch.utils.data.DataLoader(Samples(cfg.samples), batch_size=cfg.batch, shuffle=True,
@@ -142,11 +143,21 @@ def build(cfg: Config) -> TrainState:
                       extras={"seen": 0})
 
 
+def deterministic_cuda() -> None:
+    """Bit-reproducible CUDA kernels: cuBLAS's fixed workspace (set before CUDA starts) and
+    deterministic algorithms only (an op without one raises instead of drifting)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def train(directory: str, out: str, cfg: Config = Config(), kill: Kill = Kill(),
           stop_after: int = 0) -> list[int]:
     """Train to ``cfg.steps`` (resuming from ``directory``), save the final state to ``out``
     with torch.save; returns the sample indices this process trained on. ``stop_after`` ends
     the process's work early (after that step and its save), like a job that ran out of time."""
+    if cfg.device.startswith("cuda"):
+        deterministic_cuda()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -166,6 +177,7 @@ def _train(directory: str, out: str, cfg: Config, kill: Kill, stop_after: int) -
         model.train()
         while state.step < cfg.steps and not (stop_after and state.step >= stop_after):
             for x, y, idx in state.batches():
+                x, y = x.to(cfg.device), y.to(cfg.device)
                 loss = torch.nn.functional.cross_entropy(model(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -179,9 +191,12 @@ def _train(directory: str, out: str, cfg: Config, kill: Kill, stop_after: int) -
                     mgr.save(state, metrics={"loss": loss.item()})
                 if state.step >= cfg.steps or (stop_after and state.step >= stop_after):
                     break
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
-                "step": state.step, "epoch": state.epoch, "seen": state.extras["seen"]}, out)
+    final = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+             "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+             "step": state.step, "epoch": state.epoch, "seen": state.extras["seen"]}
+    if cfg.device.startswith("cuda"):
+        final["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save(final, out)
     return seen
 
 
@@ -241,9 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--sync", action="store_true")
     p.add_argument("--keep-last", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (a fresh interpreter: no fork)")
     a = p.parse_args(argv)
     what, _, n = a.kill.partition(":")
-    cfg = Config(workers=a.workers, async_save=not a.sync, keep_last=a.keep_last)
+    cfg = Config(workers=a.workers, async_save=not a.sync, keep_last=a.keep_last, device=a.device)
     train(a.dir, a.out, cfg, Kill(what, int(n or 0)))
     return 0
 
