@@ -4,7 +4,8 @@
 
 Each script measures torchkeep and its baseline (torch.save / torch.load / safetensors / dd)
 side by side in the same run and prints medians and ratios: the machines are shared and noisy,
-so the ratios are the figures to compare, never a lone absolute time.
+so the ratios are the figures to compare, never a lone absolute time. bench_cuda.py runs only
+where CUDA is available and is skipped, saying so, elsewhere.
 """
 from __future__ import annotations
 
@@ -15,6 +16,12 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CUDA_ONLY = {"bench_cuda.py"}
+
+
+def cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 def main() -> int:
@@ -29,6 +36,9 @@ def main() -> int:
     status = 0
     for script in scripts:
         print(f"\n# {os.path.basename(script)}", flush=True)
+        if os.path.basename(script) in CUDA_ONLY and not cuda_available():
+            print("skipped: CUDA is not available on this machine", flush=True)
+            continue
         rc = subprocess.call([sys.executable, script, "--size-mb", str(args.size_mb),
                               "--repeat", str(args.repeat)])
         status = status or rc
