@@ -13,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 import torchkeep.staging as staging
 from torchkeep import CheckpointManager, TrainState
+from torchkeep.errors import StateError
 from torchkeep.formats import native
 from torchkeep.staging import ALIGN, Stager, layout
 
@@ -167,18 +168,18 @@ def _state(seed: int = 0) -> TrainState:
     return TrainState(model=model, optimizer=opt)
 
 
-def _step(st: TrainState) -> None:
-    loss = st.model(torch.randn(8, 32)).square().mean()
-    st.optimizer.zero_grad()
+def _step(state: TrainState) -> None:
+    loss = state.model(torch.randn(8, 32)).square().mean()
+    state.optimizer.zero_grad()
     loss.backward()
-    st.optimizer.step()
-    st.step += 1
+    state.optimizer.step()
+    state.step += 1
 
 
 def test_manager_async_save_reuses_buffers_and_snapshot_survives_the_next_steps(tmp_path, monkeypatch):
     d = str(tmp_path / "run")
-    st = _state()
-    _step(st)
+    state = _state()
+    _step(state)
     gate = threading.Event()
     orig = native.NativeWriter.write
 
@@ -187,19 +188,19 @@ def test_manager_async_save_reuses_buffers_and_snapshot_survives_the_next_steps(
         return orig(self, *a, **kw)
     monkeypatch.setattr(native.NativeWriter, "write", slow_write)
     with CheckpointManager(d, async_save=True, keep_last=None) as mgr:
-        mgr.save(st)
+        mgr.save(state)
         gate.set()
         mgr.wait()
         ptrs = {k: b.data_ptr() for k, b in mgr._stager.buffers.items()}
         assert any(k.startswith("optimizer.") for k in ptrs)  # CPU Adam state staged too
-        _step(st)
+        _step(state)
         gate.clear()
-        want_model = {k: v.clone() for k, v in st.model.state_dict().items()}
-        want_steps = [s["step"].clone() for s in st.optimizer.state.values()]
-        mgr.save(st)                          # returns while the writer waits at the gate
+        want_model = {k: v.clone() for k, v in state.model.state_dict().items()}
+        want_steps = [s["step"].clone() for s in state.optimizer.state.values()]
+        mgr.save(state)                          # returns while the writer waits at the gate
         assert {k: b.data_ptr() for k, b in mgr._stager.buffers.items()} == ptrs
         for _ in range(3):                    # training goes on: weights and Adam's CPU steps
-            _step(st)
+            _step(state)
         gate.set()
     got = _state(seed=5)
     assert CheckpointManager(d).restore(got, which=2) == 2
@@ -208,13 +209,22 @@ def test_manager_async_save_reuses_buffers_and_snapshot_survives_the_next_steps(
 
 
 def test_manager_releases_staging_memory_on_close(tmp_path):
-    st = _state()
-    _step(st)
+    state = _state()
+    _step(state)
     mgr = CheckpointManager(str(tmp_path / "run"), async_save=True)
-    mgr.save(st)
+    mgr.save(state)
     assert mgr._stager.nbytes > 0
     mgr.close()
     assert mgr._stager.nbytes == 0 and mgr._stager.buffers == {}
+
+
+@pytest.mark.parametrize("bad", ["sparse", "meta", "quantized"])
+def test_tensors_without_dense_data_are_refused_by_name(bad):
+    t = {"sparse": lambda: torch.eye(3).to_sparse(), "meta": lambda: torch.empty(3, device="meta"),
+         "quantized": lambda: torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.qint8)}[bad]()
+    with pytest.raises(StateError) as err:
+        Stager().stage({"ok": torch.ones(2), "x.bad": t})
+    assert err.value.entry == "x.bad"
 
 
 def test_stage_stats_read_well():

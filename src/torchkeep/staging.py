@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import StateError
+
 log = logging.getLogger(__name__)
 
 THREADS = 4          # parallel CPU copies into the buffers (memcpy releases the GIL)
@@ -211,6 +213,10 @@ class Stager:
         devices: dict[str, str] = {}
         specs: dict[bool, dict[str, Spec]] = {False: {}, True: {}}
         for key, t in tensors.items():
+            if t.layout != torch.strided or t.is_quantized or t.is_meta:
+                raise StateError(f"cannot stage a {t.layout}{' quantized' if t.is_quantized else ''}"
+                                 f"{' meta' if t.is_meta else ''} tensor: only dense tensors with "
+                                 f"their data are staged", entry=key)
             if t.device.type != "cpu":
                 devices[key] = str(t.device)
             elif not copy_cpu and _plain(t):
