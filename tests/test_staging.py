@@ -218,6 +218,7 @@ def test_manager_releases_staging_memory_on_close(tmp_path):
     assert mgr._stager.nbytes == 0 and mgr._stager.buffers == {}
 
 
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")  # deprecated in torch
 @pytest.mark.parametrize("bad", ["sparse", "meta", "quantized"])
 def test_tensors_without_dense_data_are_refused_by_name(bad):
     t = {"sparse": lambda: torch.eye(3).to_sparse(), "meta": lambda: torch.empty(3, device="meta"),
