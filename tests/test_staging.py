@@ -233,3 +233,93 @@ def test_stage_stats_read_well():
     text = str(got.stats)
     assert "staged 1/1 tensors, 1.0 MiB" in text and "GiB/s" in text and "newly allocated" in text
     assert staging.StageStats().seconds == 0.0
+
+
+# ----------------------------------------------------------------- the CUDA-only code, stood in for
+
+class FakeCudart:
+    """Records cudaHostRegister/Unregister calls instead of page-locking memory."""
+
+    def __init__(self, rc: int = 0) -> None:
+        self.rc, self.registered, self.unregistered = rc, {}, []
+
+    def cudaHostRegister(self, ptr, size, flags):  # noqa: N802 - CUDA's name
+        self.registered[ptr] = (size, flags)
+        return self.rc
+
+    def cudaHostUnregister(self, ptr):  # noqa: N802
+        self.unregistered.append(ptr)
+        return 0
+
+
+def test_pinned_pool_registers_whole_pages_inside_its_block_once(monkeypatch):
+    import mmap
+
+    fake = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    page = mmap.PAGESIZE
+    pool = staging._Pool(pinned=True)
+    try:
+        specs = {"a": ((1000,), torch.float32), "b": ((3, 5), torch.float16), "c": ((0,), torch.int64)}
+        assert pool.buffers_for(specs) == layout(specs)[1]
+        [(ptr, (span, flags))] = fake.registered.items()
+        assert ptr % page == 0 and span % page == 0 and span >= pool.nbytes and flags == 1
+        raw = pool._memory
+        assert raw.data_ptr() <= ptr and ptr + span <= raw.data_ptr() + raw.nbytes  # its own pages
+        assert pool.buffers["a"].data_ptr() == ptr
+        assert all(ptr <= b.data_ptr() and b.data_ptr() + b.nbytes <= ptr + span
+                   for b in pool.buffers.values() if b.nbytes)
+        assert pool.buffers_for(dict(specs)) == 0 and len(fake.registered) == 1     # reused
+        assert pool.buffers_for({**specs, "b": ((4, 5), torch.float16)}) > 0        # laid out again
+        assert fake.unregistered == [ptr] and len(fake.registered) == 2
+    finally:
+        pool.release()   # unregisters through the stand-in, not the real cudart
+    assert len(fake.unregistered) == 2 and pool.buffers == {}
+
+
+def test_pinned_pool_warns_when_registration_fails(monkeypatch, caplog):
+    fake = FakeCudart(rc=2)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    allocated = []
+    real_empty = torch.empty
+
+    def empty(*a, pin_memory=False, **kw):   # no CUDA here: record the fallback's request
+        allocated.append(pin_memory)
+        return real_empty(*a, **kw)
+    monkeypatch.setattr(torch, "empty", empty)
+    with caplog.at_level(logging.WARNING, logger="torchkeep.staging"):
+        staging._Pool(pinned=True).buffers_for({"a": ((10,), torch.float32)})
+    assert allocated[-1] is True and "cudaError 2" in caplog.text
+
+
+def test_device_copies_wait_for_the_current_stream_and_end_with_an_event(monkeypatch):
+    import contextlib
+
+    calls = []
+
+    class Stream:
+        def __init__(self, device=None):
+            calls.append(("new stream", device))
+
+        def wait_stream(self, other):
+            calls.append(("wait for", other))
+
+    class Event:
+        def record(self, stream):
+            calls.append(("record", type(stream).__name__))
+
+        def synchronize(self):
+            calls.append(("synchronize",))
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda index: f"current stream {index}")
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    s = Stager()
+    src = torch.randn(5)
+    buf = torch.empty(5)
+    [ev] = s._copy_from_cuda([(buf, src)])
+    assert torch.equal(buf, src)
+    assert calls == [("new stream", 0), ("wait for", "current stream 0"), ("record", "Stream")]
+    s._copy_from_cuda([(buf, src)])      # the side stream is kept
+    assert calls[3:] == [("wait for", "current stream 0"), ("record", "Stream")]
