@@ -252,7 +252,7 @@ class FakeCudart:
         return 0
 
 
-def test_pinned_pool_registers_whole_pages_inside_its_block_once(monkeypatch):
+def test_pinned_pool_registers_its_own_pages_once(monkeypatch):
     import mmap
 
     fake = FakeCudart()
@@ -264,8 +264,8 @@ def test_pinned_pool_registers_whole_pages_inside_its_block_once(monkeypatch):
         assert pool.buffers_for(specs) == layout(specs)[1]
         [(ptr, (span, flags))] = fake.registered.items()
         assert ptr % page == 0 and span % page == 0 and span >= pool.nbytes and flags == 1
-        raw = pool._memory
-        assert raw.data_ptr() <= ptr and ptr + span <= raw.data_ptr() + raw.nbytes  # its own pages
+        raw = pool._memory        # its own mapping, pinned from the storage's first byte
+        assert raw.data_ptr() == ptr and raw.untyped_storage().data_ptr() == ptr and raw.nbytes == span
         assert pool.buffers["a"].data_ptr() == ptr
         assert all(ptr <= b.data_ptr() and b.data_ptr() + b.nbytes <= ptr + span
                    for b in pool.buffers.values() if b.nbytes)

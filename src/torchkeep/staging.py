@@ -10,8 +10,8 @@ Buffers are allocated once and reused by the next save: one block of host memory
 carved into one aligned buffer per tensor, keyed by the set of (name, shape, dtype). The pool is
 laid out again only when that set changes (usually once, when the optimizer state appears).
 Tensors from CUDA go into a *pinned* pool: page-locked memory the GPU's copy engine writes at full
-speed without an extra bounce, registered at its exact size (``torch.empty(pin_memory=True)``
-rounds every block up to a power of two). Everything else goes into a plain pool; the two share
+speed without an extra bounce, an anonymous mapping registered with CUDA at its exact size
+(``torch.empty(pin_memory=True)`` rounds every block up to a power of two). Everything else goes into a plain pool; the two share
 one code path, so the reuse and snapshot rules are tested on machines without a GPU.
 
 CUDA copies are issued ``non_blocking`` on a side stream per device that first waits for the
@@ -135,13 +135,12 @@ class _Pool:
         if not self.pinned:
             self._memory = torch.empty(nbytes, dtype=torch.uint8)
             return self._memory
-        # Plain memory registered page by page, so the pinned size is exact; the registered pages
-        # lie wholly inside this allocation (other allocations may share its first/last page).
-        page = mmap.PAGESIZE
-        raw = torch.empty(nbytes + 2 * page, dtype=torch.uint8)
-        start = -raw.data_ptr() % page
-        span = -(-max(nbytes, 1) // page) * page
-        ptr = raw.data_ptr() + start
+        # A private anonymous mapping: page-aligned and no page shared with another allocation, so
+        # registering it pins exactly its pages, and the storage starts where the pinning does
+        # (Tensor.is_pinned() asks about the storage's first byte).
+        span = -(-max(nbytes, 1) // mmap.PAGESIZE) * mmap.PAGESIZE
+        raw = torch.frombuffer(mmap.mmap(-1, span), dtype=torch.uint8)
+        ptr = raw.data_ptr()
         rc = int(torch.cuda.cudart().cudaHostRegister(ptr, span, 1))  # 1: portable (every device)
         if rc != 0:
             log.warning("staging: registering %d MiB of pinned memory failed (cudaError %d); using "
@@ -152,7 +151,7 @@ class _Pool:
         self._memory = raw
         self._unpin = weakref.finalize(self, _unpin, ptr)
         self._unpin.atexit = False  # at exit the process's memory goes anyway
-        return raw[start:start + nbytes]
+        return raw[:nbytes]
 
     def release(self) -> None:
         """Drop the buffers (and unpin them); tensors still referring to them stay valid."""
