@@ -9,7 +9,7 @@ tensor between saves, as in training. Measured, medians of --repeat runs:
 - the physical limit: every tensor copied with ``tensor.to("cpu", non_blocking=True)`` into
   pinned memory (torch's pinned allocator, warmed), then synchronized; and one flat pinned copy
   of the same bytes;
-- staging alone (:class:`torchkeep.staging.Stager`): its bandwidth as a fraction of that limit;
+- staging alone (:class:`torchkeep.keep.staging.Stager`): its bandwidth as a fraction of that limit;
 - CheckpointManager async save: the time ``save()`` blocks (capture, staging; the previous write
   has finished), against torch.save of the state dicts and ``dcp.async_save`` with pinned
   staging (DefaultStager, staging before it returns: the state may change right after);
@@ -32,7 +32,7 @@ from bench_manager import LAYER_BYTES, H, Model  # noqa: E402
 from common import drop, parser, report, tmpdir  # noqa: E402
 
 from torchkeep import CheckpointManager, TrainState  # noqa: E402
-from torchkeep.staging import Stager  # noqa: E402
+from torchkeep.keep.staging import Stager  # noqa: E402
 
 med = statistics.median
 

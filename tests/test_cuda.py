@@ -25,9 +25,9 @@ import torch
 import resume_worker as rw
 import torchkeep
 from torchkeep import CheckpointManager, TrainState
-from torchkeep import rng as tkrng
-from torchkeep.formats import native
-from torchkeep.staging import Stager
+from torchkeep.keep import rng as tkrng
+from torchkeep.read.formats import native
+from torchkeep.keep.staging import Stager
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(HERE), "src")
@@ -272,7 +272,7 @@ def test_rng_captures_and_restores_every_cuda_device(fake_cuda, tmp_path):
 def test_rng_restore_onto_fewer_devices_warns_and_restores_those(fake_cuda, caplog):
     saved = tkrng.capture()
     fake_cuda["count"] = 2
-    with caplog.at_level(logging.WARNING, logger="torchkeep.rng"):
+    with caplog.at_level(logging.WARNING, logger="torchkeep.keep.rng"):
         tkrng.restore(saved)
     assert sorted(fake_cuda["set"]) == [0, 1]
     assert "3 CUDA device(s), this process sees 2" in caplog.text
@@ -281,7 +281,7 @@ def test_rng_restore_onto_fewer_devices_warns_and_restores_those(fake_cuda, capl
 def test_rng_restore_without_cuda_warns(fake_cuda, monkeypatch, caplog):
     saved = tkrng.capture()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="torchkeep.rng"):
+    with caplog.at_level(logging.WARNING, logger="torchkeep.keep.rng"):
         tkrng.restore(saved)
     assert fake_cuda["set"] == {}
     assert "CUDA is not available" in caplog.text

@@ -11,11 +11,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import torchkeep.staging as staging
+import torchkeep.keep.staging as staging
 from torchkeep import CheckpointManager, TrainState
 from torchkeep.errors import StateError
-from torchkeep.formats import native
-from torchkeep.staging import ALIGN, Stager, layout
+from torchkeep.read.formats import native
+from torchkeep.keep.staging import ALIGN, Stager, layout
 
 
 def kinds() -> dict[str, torch.Tensor]:
@@ -92,7 +92,7 @@ def test_laid_out_again_when_a_name_shape_or_dtype_changes(change, caplog):
         src["c"] = torch.ones(3)
     else:
         del src["b"]
-    with caplog.at_level(logging.INFO, logger="torchkeep.staging"):
+    with caplog.at_level(logging.INFO, logger="torchkeep.keep.staging"):
         got = s.stage(src)
     assert set(s.buffers) == set(src)
     assert got.stats.allocated > 0
@@ -287,7 +287,7 @@ def test_pinned_pool_warns_when_registration_fails(monkeypatch, caplog):
         allocated.append(pin_memory)
         return real_empty(*a, **kw)
     monkeypatch.setattr(torch, "empty", empty)
-    with caplog.at_level(logging.WARNING, logger="torchkeep.staging"):
+    with caplog.at_level(logging.WARNING, logger="torchkeep.keep.staging"):
         staging._Pool(pinned=True).buffers_for({"a": ((10,), torch.float32)})
     assert allocated[-1] is True and "cudaError 2" in caplog.text
 

@@ -29,7 +29,7 @@ from torchkeep.keep.commits import CommitEntry, plain_metrics, resolve_step
 from torchkeep.keep.retention import CheckpointInfo, ranked_best, steps_to_keep
 from torchkeep.keep.retention import tensor_signatures as _signatures
 from torchkeep.keep.retention import unchanged_since as _unchanged
-from torchkeep.staging import Stager
+from torchkeep.keep.staging import Stager
 from torchkeep.keep.trainstate import TrainState
 from torchkeep.read.formats import native
 from torchkeep.read.formats.native import Snapshot
@@ -220,7 +220,7 @@ class CheckpointManager:
 
     def _snapshot(self, enc: serial.Encoded) -> Snapshot:
         """CPU tensors that stay unchanged until written, complete before this returns: copies
-        into reused staging buffers (pinned for CUDA tensors; see :mod:`torchkeep.staging`),
+        into reused staging buffers (pinned for CUDA tensors; see :mod:`torchkeep.keep.staging`),
         or the live CPU tensors of a synchronous save."""
         staged = self._stager.stage(enc.tensors, copy_cpu=self.async_save)
         return Snapshot(enc.tree, staged.tensors, staged.devices)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import StateError
+from torchkeep.errors import StateError
 
 log = logging.getLogger(__name__)
 
