@@ -90,8 +90,12 @@ def d2h_limit(tensors: list[torch.Tensor], R: int) -> tuple[float, float]:
 
 def dcp_blocking(sd: dict, d: str, opt, R: int) -> float:
     """dcp.async_save with pinned staging that completes before it returns, reused stager."""
+    import warnings
+
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: meant
 
     stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
                                           use_async_staging=False, use_non_blocking_copy=True))
