@@ -9,10 +9,11 @@ too) and returns only when every copy has landed.
 Buffers are allocated once and reused by the next save: one block of host memory per pool,
 carved into one aligned buffer per tensor, keyed by the set of (name, shape, dtype). The pool is
 laid out again only when that set changes (usually once, when the optimizer state appears).
-Tensors from CUDA go into a *pinned* pool: page-locked memory the GPU's copy engine writes at full
-speed without an extra bounce, an anonymous mapping registered with CUDA at its exact size
-(``torch.empty(pin_memory=True)`` rounds every block up to a power of two). Everything else goes into a plain pool; the two share
-one code path, so the reuse and snapshot rules are tested on machines without a GPU.
+Tensors from CUDA go into a *pinned* pool: page-locked memory the GPU's copy engine writes at
+full speed without an extra bounce, an anonymous mapping registered with CUDA at its exact size
+(``torch.empty(pin_memory=True)`` rounds every block up to a power of two). Everything else goes
+into a plain pool; the two share one code path, so the reuse and snapshot rules are tested on
+machines without a GPU.
 
 CUDA copies are issued ``non_blocking`` on a side stream per device that first waits for the
 device's current stream (so the copy sees every kernel queued before ``save()``), and an event
