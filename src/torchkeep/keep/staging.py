@@ -65,7 +65,8 @@ class StageStats:
     def __str__(self) -> str:
         rate = self.nbytes / self.seconds / 2**30 if self.seconds else 0.0
         return (f"staged {self.copied}/{self.tensors} tensors, {self.nbytes / 2**20:.1f} MiB "
-                f"({self.device_nbytes / 2**20:.1f} MiB from devices) in {self.seconds * 1e3:.1f} ms "
+                f"({self.device_nbytes / 2**20:.1f} MiB from devices) in "
+                f"{self.seconds * 1e3:.1f} ms "
                 f"({rate:.2f} GiB/s); {self.allocated / 2**20:.1f} MiB newly allocated")
 
 
@@ -128,7 +129,8 @@ class _Pool:
             return 0
         offsets, total = layout(specs)
         mem = self._allocate(total)
-        self.buffers = {k: _carve(mem, offsets[k], shape, dtype) for k, (shape, dtype) in specs.items()}
+        self.buffers = {k: _carve(mem, offsets[k], shape, dtype)
+                        for k, (shape, dtype) in specs.items()}
         self.signature, self.nbytes = sig, total
         return total
 
@@ -162,7 +164,8 @@ class _Pool:
         self._memory, self.buffers, self.signature, self.nbytes = None, {}, None, 0
 
 
-def _carve(mem: torch.Tensor, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def _carve(mem: torch.Tensor, offset: int, shape: tuple[int, ...],
+           dtype: torch.dtype) -> torch.Tensor:
     n = _nbytes(shape, dtype)
     return mem[offset:offset + n].view(dtype).view(shape)
 
@@ -214,9 +217,10 @@ class Stager:
         specs: dict[bool, dict[str, Spec]] = {False: {}, True: {}}
         for key, t in tensors.items():
             if t.layout != torch.strided or t.is_quantized or t.is_meta:
-                raise StateError(f"cannot stage a {t.layout}{' quantized' if t.is_quantized else ''}"
-                                 f"{' meta' if t.is_meta else ''} tensor: only dense tensors with "
-                                 f"their data are staged", entry=key)
+                kind = f"{t.layout}{' quantized' if t.is_quantized else ''}" \
+                       f"{' meta' if t.is_meta else ''}"
+                raise StateError(f"cannot stage a {kind} tensor: only dense tensors with their "
+                                 f"data are staged", entry=key)
             if t.device.type != "cpu":
                 devices[key] = str(t.device)
             elif not copy_cpu and _plain(t):
@@ -225,7 +229,8 @@ class Stager:
             pinned = self.pin and t.device.type == "cuda"
             specs[pinned][key] = (tuple(t.shape), t.dtype)
         stats = StageStats(tensors=len(tensors))
-        stats.allocated = self._plain.buffers_for(specs[False]) + self._pinned.buffers_for(specs[True])
+        stats.allocated = (self._plain.buffers_for(specs[False])
+                           + self._pinned.buffers_for(specs[True]))
         bufs = self.buffers
         # detached: a copy into a buffer must never join the autograd graph (in any thread)
         pairs = [(bufs[k], tensors[k].detach()) for k in tensors if k not in out]
