@@ -81,6 +81,7 @@ class CheckpointManager:
         # key -> (live tensor, version counter, blob digest, crc32) of the last written save
         self._prev: dict[str, tuple[torch.Tensor, int, str, int]] = {}
         self._last_save = time.monotonic()
+        self._last_saved_step: int | None = None   # by step_done(): never the same step twice
         self._handlers: dict[int, Any] = {}
         self._closed = False
         # -- torchkeep.carry.migration.optimizer / torchkeep.keep.doctor.live: what the latest restore() migrated and found, and
@@ -100,6 +101,20 @@ class CheckpointManager:
             return True
         return bool(self.every_seconds is not None
                     and time.monotonic() - self._last_save >= self.every_seconds)
+
+    def step_done(self, state: TrainState, metrics: Mapping[str, Any] | None = None) -> bool:
+        """Call once per training step, after its update is applied: saves ``state`` when
+        :meth:`should_save` says so, and at the last step of ``state.batches(max_steps=...)``.
+        True when a save was started (asynchronous with ``async_save``)."""
+        if not isinstance(state, TrainState):
+            raise StateError(f"step_done() needs a TrainState (it counts the steps), got "
+                             f"{type(state).__name__}", hint="call save(state, step=...) for a mapping")
+        last = state.max_steps is not None and state.step >= state.max_steps
+        if state.step == self._last_saved_step or not (last or self.should_save(state.step)):
+            return False
+        self.save(state, metrics=metrics)
+        self._last_saved_step = state.step
+        return True
 
     def _ranked_best(self, infos: list[CheckpointInfo]) -> list[CheckpointInfo]:
         return ranked_best(infos, self.monitor, self.mode)

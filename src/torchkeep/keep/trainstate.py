@@ -70,6 +70,7 @@ class TrainState:
         self.allow_pickle = allow_pickle
         self.capture_rng = rng
         self.step = 0
+        self.max_steps: int | None = None   # the budget of the latest batches(max_steps=...)
         self._epoch = 0
         self._loaders = _as_dict(dataloader, "dataloader")
         for name, dl in self._loaders.items():
@@ -124,23 +125,53 @@ class TrainState:
         return loader
 
     # -- data ---------------------------------------------------------------------------
-    def batches(self, loader: str | None = None) -> Iterator[Any]:
-        """One epoch of the dataloader, counting each batch as consumed when it is handed out.
+    def batches(self, loader: str | None = None, *, max_steps: int | None = None) -> Iterator[Any]:
+        """One epoch of the dataloader, counting each batch as consumed when it is handed out;
+        with ``max_steps``, epoch after epoch until :attr:`step` reaches ``max_steps``.
 
-        Save after applying a batch (the state then includes it). At the end of the epoch the
-        epoch counter advances; leaving the loop early (``break``) does not, and the next call
-        continues the same epoch. After :meth:`restore`, the interrupted epoch continues with the
-        remaining batches in the original order; skipped batches are never loaded.
+        Save after applying a batch (the state then includes it; ``CheckpointManager.step_done``
+        saves when the policy says so). At the end of an epoch the epoch counter advances;
+        leaving the loop early (``break``, or reaching ``max_steps`` inside an epoch) does not,
+        and the next call continues the same epoch. After :meth:`restore`, the interrupted epoch
+        continues with the remaining batches in the original order; skipped batches are never
+        loaded.
         """
         name = self._loader_name(loader)
+        if max_steps is not None:
+            if name != self._main:
+                raise StateError(f"max_steps counts the steps of the first dataloader "
+                                 f"({self._main!r}), not of {name!r}", entry=_path("dataloader", name))
+            if int(max_steps) < 0:
+                raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+            self.max_steps = int(max_steps)
         # -- torchkeep.keep.doctor.live --------------------------------------------------------------------
         hook, self.before_first_batch = self.before_first_batch, None
         if hook is not None:
             hook(self, name)
         # ------------------------------------------------------------------------------------------
         p = self._progress[name]
+        if max_steps is not None:
+            return self._until(name, p, int(max_steps))
         it = _progress.begin_epoch(self._loaders[name], p, name)
         return self._iterate(name, p, it)
+
+    def _until(self, name: str, p: _progress.LoaderProgress, max_steps: int) -> Iterator[Any]:
+        """Epochs of the main dataloader until ``max_steps``; stopping inside an epoch leaves its
+        position for the next call (or the next run) to continue from."""
+        while self.step < max_steps:
+            fresh, handed = p.position == 0, 0
+            epoch = self._iterate(name, p, _progress.begin_epoch(self._loaders[name], p, name))
+            for batch in epoch:
+                handed += 1
+                yield batch
+                if self.step >= max_steps:
+                    epoch.close()   # the epoch is not over: its position stays
+                    return
+            if fresh and not handed:
+                raise StateError(f"the dataloader yielded no batches in epoch {p.epoch - 1}; "
+                                 f"step {self.step} of {max_steps}", entry=_path("dataloader", name),
+                                 hint="check the dataset is not empty (and drop_last with a "
+                                      "dataset smaller than one batch)")
 
     def _iterate(self, name: str, p: _progress.LoaderProgress, it: Iterator[Any]) -> Iterator[Any]:
         main = name == self._main
