@@ -70,9 +70,19 @@ def _table(infos, latest: int | None, title: str) -> Table:
     return t
 
 
+def _other_folders(directory: str, check: bool):
+    """Checkpoint folders that are not a CheckpointManager's (transformers/accelerate folders
+    sealed by torchkeep, Lightning's), or None."""
+    from ..integrations import sealed
+    return sealed.scan(directory, check=check)
+
+
 def run_ls(args: argparse.Namespace) -> int:
-    mgr = _manager(args.directory)
-    infos = mgr.list(include_uncommitted=args.all)
+    infos = _other_folders(args.directory, check=False)
+    if infos is not None:
+        infos = [i for i in infos if i.status == "ok" or args.all]
+    else:
+        infos = _manager(args.directory).list(include_uncommitted=args.all)
     good = [i.step for i in infos if i.status == "ok"]
     latest = good[-1] if good else None
     if args.json:
@@ -95,7 +105,10 @@ def run_verify(args: argparse.Namespace) -> int:
     storage, root = storage_for(directory)
     if "://" not in directory and not os.path.isdir(directory):
         raise FileNotFoundError(2, "no such folder", directory)
-    if storage.exists(storage.join(root, native.MANIFEST)):  # one checkpoint folder
+    others = _other_folders(directory, check=True)
+    if others is not None:
+        infos = others
+    elif storage.exists(storage.join(root, native.MANIFEST)):  # one checkpoint folder
         problems = native.verify_folder(storage, root, deep=args.deep)
         name = root.rstrip("/").rsplit("/", 1)[-1]
         infos = [CheckpointInfo(native.parse_step(name) or 0, root,
