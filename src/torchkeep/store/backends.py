@@ -181,11 +181,17 @@ class LockedError(OSError):
         self.holder = holder
 
 
-class FsspecStorage(Storage):
-    """Any fsspec filesystem (``memory://``, ``s3://``, ...): temporary name, then move.
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"})
 
-    Object stores make each upload atomic and durable by themselves; there is no folder to
-    fsync and no lock, so one writer per folder is the caller's promise.
+
+class FsspecStorage(Storage):
+    """Any fsspec filesystem (``memory://``, ``s3://``, ...).
+
+    On an object store (S3, GCS, Azure) every upload is written straight to its final name: a
+    PUT (or a multipart upload, on completion) makes the whole object appear at once and durably,
+    so there is no temporary name, rename or fsync to do (and a "rename" would be a copy).
+    Elsewhere: a temporary name, then a move. There is no lock: one writer per folder is the
+    caller's promise.
     """
 
     def __init__(self, url: str) -> None:
@@ -197,6 +203,11 @@ class FsspecStorage(Storage):
         self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.root = root.rstrip("/") or "/"
         self.url = url
+        self.object_store = self.protocol in OBJECT_STORES
+
+    def url_of(self, path: str) -> str:
+        """``path`` of this filesystem as a URL (``bucket/run/x`` -> ``s3://bucket/run/x``)."""
+        return self.fs.unstrip_protocol(path)
 
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
@@ -221,6 +232,19 @@ class FsspecStorage(Storage):
         return int(self.fs.size(path))
 
     def write_file(self, path: str, chunks, *, sync_dir: bool = True) -> None:
+        if self.object_store:   # the object appears whole when the upload completes, or not at all
+            f = self.fs.open(path, "wb")
+            try:
+                for c in chunks:
+                    f.write(bytes(c) if isinstance(c, memoryview) else c)
+            except BaseException:
+                # not close(): that would complete the upload with what was written so far
+                with contextlib.suppress(Exception):
+                    f.discard()
+                    f.closed = True   # discarded: nothing left for close() (or __del__) to upload
+                raise
+            f.close()
+            return
         d, base = path.rsplit("/", 1) if "/" in path else ("", path)
         tmp = f"{d}/{TMP_MARK}{base}.{uuid.uuid4().hex[:8]}" if d else f"{TMP_MARK}{base}"
         try:

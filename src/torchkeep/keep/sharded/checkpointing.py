@@ -136,10 +136,6 @@ class ShardedCheckpointing:
         m._check_open()
         m.wait()
         step = resolve_step(state, step)
-        local = m.storage.local_path(m.root)
-        if local is None:
-            raise StateError("checkpoints of a process group need a local or shared folder",
-                             entry=None, hint=f"{m.directory} is a URL; use a mounted path")
         W, me = world_size(), rank()
         group = self.group
         folder = m.storage.join(m.root, native.step_dirname(step))
@@ -188,7 +184,8 @@ class ShardedCheckpointing:
                      "device": str(t.device)} for k, t in shards.items()}
         pending: Any = None
         if shards:
-            pending = self._dcp_save(shards, os.path.join(folder, sharded.SHARDS), m.async_save)
+            pending = self._dcp_save(shards, sharded.location(m.storage, m.storage.join(folder, sharded.SHARDS)),
+                                     m.async_save)
         snap = None
         if me == 0:
             snap = m._snapshot(serial.Encoded(enc.tree, {k: t for k, t in enc.tensors.items()
@@ -212,8 +209,14 @@ class ShardedCheckpointing:
         from torch.distributed.checkpoint import FileSystemWriter
         from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-        writer = FileSystemWriter(path, single_file_per_rank=True, sync_files=True, thread_count=1,
-                                  overwrite=True)
+        if "://" in path:   # an object store: each object appears whole on upload; no fsync
+            from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+            writer: Any = FsspecWriter(path, single_file_per_rank=True, sync_files=False,
+                                       thread_count=1, overwrite=True)
+        else:
+            writer = FileSystemWriter(path, single_file_per_rank=True, sync_files=True,
+                                      thread_count=1, overwrite=True)
         # Replicated shards (a DTensor with Replicate placements) are written by the lowest rank.
         planner = DefaultSavePlanner(dedup_save_to_lowest_rank=True)
         no_dist = self.group is None
@@ -252,10 +255,13 @@ class ShardedCheckpointing:
         digests: dict[str, Any] = {}
         try:
             md = pending.result() if isinstance(pending, Future) else pending
-            names = self._shard_files(md, folder) if extra else []
+            st = self.manager.storage
+            local = st.local_path(folder)
+            names = self._shard_files(md, folder, st) if extra else []
             for i, rel in enumerate(names):
                 if i % W == me:
-                    digests[rel] = sharded.file_digest(os.path.join(folder, rel))
+                    digests[rel] = (sharded.file_digest(os.path.join(local, rel)) if local is not None
+                                    else sharded.file_digest(st.join(folder, rel), storage=st))
         except BaseException as e:
             err = e
         got = all_gather_object((None if err is None else f"{type(err).__name__}: {err}", digests),
@@ -275,23 +281,22 @@ class ShardedCheckpointing:
         self._agree(err, f"commit step {step}")
 
     @staticmethod
-    def _shard_files(md: Any, folder: str) -> list[str]:
+    def _shard_files(md: Any, folder: str, storage: Any) -> list[str]:
         rel = {f"{sharded.SHARDS}/{info.relative_path}"
                for info in getattr(md, "storage_data", {}).values()} if md is not None else set()
         if not rel:  # not told by DCP: take what is in the folder
-            base = os.path.join(folder, sharded.SHARDS)
-            rel = {f"{sharded.SHARDS}/{n}" for n in os.listdir(base) if n.endswith(".distcp")}
+            base = storage.join(folder, sharded.SHARDS)
+            rel = {f"{sharded.SHARDS}/{n}" for n in storage.listdir(base) if n.endswith(".distcp")}
         rel.add(f"{sharded.SHARDS}/{DCP_METADATA}")
         return sorted(rel)
 
     def _commit(self, step: int, folder: str, snap: Any, extra: dict[str, Any],
                 files: dict[str, Any], mjson: Any, plain: dict[str, Any], W: int) -> None:
-        from torchkeep.store.files import fsync_dir
         from torchkeep.version import __version__
 
         m = self.manager
         if extra:
-            fsync_dir(os.path.join(folder, sharded.SHARDS))
+            m.storage.sync_dir(m.storage.join(folder, sharded.SHARDS))
         known = m._known_blobs()
         created = time.time()
         section = {"world_size": W, "shards": sharded.SHARDS, "files": files}
@@ -401,7 +406,8 @@ class ShardedCheckpointing:
         if load:
             import torch.distributed.checkpoint as dcp
 
-            shards = os.path.join(folder, sharded.section(manifest).get("shards", sharded.SHARDS))
+            st = self.manager.storage
+            shards = sharded.location(st, st.join(folder, sharded.section(manifest).get("shards", sharded.SHARDS)))
             with warnings.catch_warnings():  # one process on purpose: no need to say so
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 dcp.load(load, storage_reader=_safe_reader(shards), process_group=self.group,

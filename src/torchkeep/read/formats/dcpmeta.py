@@ -42,16 +42,30 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def _safe_reader(path: str) -> Any:
-    """DCP's FileSystemReader whose ``.metadata`` goes through :class:`_MetadataUnpickler`
-    (DCP's own uses plain pickle); tensor data is read by DCP with ``weights_only=True``."""
+    """DCP's FileSystemReader (FsspecReader for a URL) whose ``.metadata`` goes through
+    :class:`_MetadataUnpickler` (DCP's own uses plain pickle); tensor data is read by DCP with
+    ``weights_only=True``."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
 
-    class SafeFileSystemReader(FileSystemReader):
+    url = "://" in path
+    if url:
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader as base
+    else:
+        base = FileSystemReader
+
+    class SafeFileSystemReader(base):  # type: ignore[valid-type,misc]
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            mpath = os.path.join(os.fspath(self.path), DCP_METADATA)
-            with open(mpath, "rb") as f:
-                md = _MetadataUnpickler(io.BytesIO(f.read()), mpath).load()
+            if url:
+                mpath = path.rstrip("/") + "/" + DCP_METADATA
+                import fsspec
+                with fsspec.open(mpath, "rb") as f:
+                    data = f.read()
+            else:
+                mpath = os.path.join(os.fspath(self.path), DCP_METADATA)
+                with open(mpath, "rb") as f:
+                    data = f.read()
+            md = _MetadataUnpickler(io.BytesIO(data), mpath).load()
             if type(md).__name__ != "Metadata":
                 raise UnsafeCheckpointError(f".metadata holds a {type(md).__name__}", path=mpath)
             if getattr(md, "storage_meta", None) is None:

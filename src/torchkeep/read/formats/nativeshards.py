@@ -60,15 +60,28 @@ def _local_folder(storage: Storage, folder: str) -> str:
     return local
 
 
-def file_digest(path: str, chunk: int = 8 << 20) -> dict[str, Any]:
-    """{'sha256', 'size'} of a file (read in chunks; hashlib releases the GIL)."""
+def file_digest(path: str, chunk: int = 8 << 20, storage: Storage | None = None) -> dict[str, Any]:
+    """{'sha256', 'size'} of a file (read in chunks; hashlib releases the GIL), local or, with
+    ``storage``, in that storage (an object store)."""
     h = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
+    with (open(path, "rb") if storage is None else storage.open_read(path)) as f:
         while b := f.read(chunk):
             h.update(b)
             size += len(b)
     return {"sha256": h.hexdigest(), "size": size}
+
+
+def location(storage: Storage, path: str) -> str:
+    """Where DCP reads or writes ``path``: a local path, or a URL for fsspec (DCP's Fsspec
+    writer and reader)."""
+    local = storage.local_path(path)
+    if local is not None:
+        return local
+    url_of = getattr(storage, "url_of", None)
+    if url_of is None:
+        raise FormatError("rank-sharded checkpoints need a local folder or an fsspec URL", path=path)
+    return url_of(path)
 
 
 def load(storage: Storage, folder: str, manifest: Mapping[str, Any], keys: Iterable[str]
@@ -138,16 +151,16 @@ def verify(storage: Storage, folder: str, manifest: Mapping[str, Any],
         return [Problem(folder, "the manifest lists sharded tensors but no shard files")]
     if not listed:
         return []
-    base = _local_folder(storage, folder)
+    local = storage.local_path(folder)
     problems = []
     for rel in (sorted(listed) if files is None else files):
         want = listed.get(rel)
-        path = os.path.join(base, rel)
+        path = os.path.join(local, rel) if local is not None else storage.join(folder, rel)
         if not isinstance(want, Mapping) or _outside(rel):
             problems.append(Problem(folder, f"bad shard file record {rel!r}"))
             continue
         try:
-            got = file_digest(path)
+            got = file_digest(path, storage=None if local is not None else storage)
         except FileNotFoundError:
             problems.append(Problem(path, "shard file is missing",
                                     None))
@@ -172,5 +185,5 @@ def files(storage: Storage, folder: str, manifest: Mapping[str, Any]) -> list[st
     return [os.path.join(base, rel) for rel in sorted(section(manifest).get("files") or {})]
 
 
-__all__ = ["SHARDS", "KEY", "SECTION", "section", "is_shard_entry", "shard_keys", "file_digest",
+__all__ = ["SHARDS", "KEY", "SECTION", "section", "is_shard_entry", "shard_keys", "file_digest", "location",
            "load", "verify", "files"]
