@@ -17,7 +17,7 @@ import torch
 pl = pytest.importorskip("lightning.pytorch", reason="the Lightning integration needs lightning")
 
 from torchkeep.errors import StateError  # noqa: E402
-from torchkeep.formats import native  # noqa: E402
+from torchkeep.read.formats import native  # noqa: E402
 from torchkeep.integrations.lightning import TorchkeepCheckpointIO  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork"),
@@ -81,7 +81,7 @@ def fit(d: str, result: str, kill: str = "", io_kind: str = "sync") -> None:
                 return orig(storage, folder, record)
             native.commit = dying
         elif what == "write":         # inside the n-th file write, after its first chunk
-            from torchkeep import store
+            from torchkeep.store import backends as store
             orig_w = store.LocalStorage.write_file
 
             def write_file(self, path, chunks, **kw):

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from torchkeep import CheckpointManager, TrainState
-from torchkeep.formats import native, sharded
+from torchkeep.read.formats import native
+from torchkeep.read.formats import nativeshards as sharded
 
 s3fs = pytest.importorskip("s3fs", reason="s3:// needs s3fs (pip install s3fs)")
 
@@ -115,7 +116,7 @@ def test_damaged_newest_is_skipped_and_uncommitted_is_cleaned(s3, url, caplog):
 
 
 def test_an_interrupted_upload_leaves_no_object(s3, url):
-    from torchkeep.store import storage_for
+    from torchkeep.store.backends import storage_for
 
     st, root = storage_for(url)
     path = st.join(root, "x.bin")

@@ -73,7 +73,7 @@ def _table(infos, latest: int | None, title: str) -> Table:
 def _other_folders(directory: str, check: bool):
     """Checkpoint folders that are not a CheckpointManager's (transformers/accelerate folders
     sealed by torchkeep, Lightning's), or None."""
-    from ..integrations import sealed
+    from torchkeep.integrations import sealed
     return sealed.scan(directory, check=check)
 
 

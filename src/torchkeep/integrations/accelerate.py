@@ -21,7 +21,7 @@ import logging
 import os
 from typing import Any
 
-from . import sealed
+from torchkeep.integrations import sealed
 
 log = logging.getLogger(__name__)
 

@@ -44,10 +44,12 @@ try:
 except ImportError:  # pragma: no cover - the standalone package
     from lightning_fabric.plugins import CheckpointIO  # type: ignore[no-redef]
 
-from .. import serial
-from ..errors import CorruptCheckpointError, StateError
-from ..formats import native
-from ..store import BlobStore, Storage, is_tmp, storage_for
+from torchkeep.errors import CorruptCheckpointError, StateError
+from torchkeep.read.formats import native
+from torchkeep.store import typedjson as serial
+from torchkeep.store.backends import Storage, storage_for
+from torchkeep.store.blobs import BlobStore
+from torchkeep.store.files import is_tmp
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +126,7 @@ class TorchkeepCheckpointIO(CheckpointIO):
             self._write(path, snap, meta)
 
     def _write(self, path: str, snap: native.Snapshot, meta: dict[str, Any]) -> None:
-        from .. import __version__
+        from torchkeep.version import __version__
 
         storage, folder = storage_for(path)
         root = storage.join(*folder.rstrip("/").rsplit("/", 1)[:-1]) if "/" in folder else "."

@@ -24,9 +24,10 @@ import time
 import warnings
 from typing import Any, Iterable, Mapping
 
-from ..errors import CorruptCheckpointError
-from ..retention import CheckpointInfo
-from ..store import atomic_write, fsync_dir, fsync_file, is_tmp, sha256_file
+from torchkeep.errors import CorruptCheckpointError
+from torchkeep.keep.retention import CheckpointInfo
+from torchkeep.store.checksums import sha256_file
+from torchkeep.store.files import atomic_write, fsync_dir, fsync_file, is_tmp
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ def scan(directory: str, *, check: bool) -> list[CheckpointInfo] | None:
     """The checkpoints of a folder that is not a CheckpointManager's: sealed folders and native
     checkpoint folders under any name (Lightning's), or ``directory`` itself when it is one.
     Oldest step first; with ``check``, every file is verified. None when there are none."""
-    from ..formats import native
+    from torchkeep.read.formats import native
 
     if "://" in directory or not os.path.isdir(directory):
         return None
@@ -267,8 +268,8 @@ def scan(directory: str, *, check: bool) -> list[CheckpointInfo] | None:
 
 def native_info(folder: str, *, check: bool) -> CheckpointInfo:
     """One native checkpoint folder under any name: its commit record, and with ``check`` its bytes."""
-    from ..formats import native
-    from ..store import LocalStorage
+    from torchkeep.read.formats import native
+    from torchkeep.store.backends import LocalStorage
 
     st = LocalStorage(folder)
     try:

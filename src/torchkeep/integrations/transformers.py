@@ -24,7 +24,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from . import sealed
+from torchkeep.integrations import sealed
 
 log = logging.getLogger(__name__)
 
