@@ -18,7 +18,7 @@ pl = pytest.importorskip("lightning.pytorch", reason="the Lightning integration 
 
 from torchkeep.errors import StateError  # noqa: E402
 from torchkeep.read.formats import native  # noqa: E402
-from torchkeep.integrations.lightning import TorchkeepCheckpointIO  # noqa: E402
+from torchkeep.integrations.lightning import TorchkeepCheckpointIO, load_from_checkpoint  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork"),
               pytest.mark.filterwarnings("ignore::UserWarning:lightning")]
@@ -167,6 +167,25 @@ def test_killed_mid_save_resumes_from_last_and_ends_bit_identical(tmp_path, refe
     assert [k for k in ref if not torch.equal(ref[k], got[k])] == []
     ck = TorchkeepCheckpointIO().load_checkpoint(os.path.join(d, "last.ckpt"))
     assert ck["global_step"] == 20
+
+
+def test_load_from_checkpoint_gives_the_trained_module(reference):
+    d, ref = reference
+    model = load_from_checkpoint(Tiny, os.path.join(d, "last.ckpt"))
+    assert isinstance(model, Tiny) and model.hparams.lr == 0.1
+    got = model.state_dict()
+    assert [k for k in ref if not torch.equal(ref[k], got[k])] == []
+
+
+def test_import_torchkeep_imports_no_framework(tmp_path):
+    import subprocess
+
+    code = ("import sys, torchkeep; torchkeep.TrainState; torchkeep.CheckpointManager; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'transformers', "
+            "'accelerate', 'pytorch_lightning', 's3fs') or m.startswith('torchkeep.integrations')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
 
 
 def test_damaged_last_falls_back_with_a_warning_other_paths_raise(tmp_path, reference):

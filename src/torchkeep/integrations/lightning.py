@@ -20,6 +20,10 @@ checksums warns and falls back to the newest good checkpoint of the same folder 
 checkpoint ModelCheckpoint wrote at the same step, or an older one). Other paths that fail
 raise :class:`~torchkeep.errors.CorruptCheckpointError`.
 
+``LightningModule.load_from_checkpoint`` reads files with ``torch.load`` and does not go through
+the plugin: :func:`load_from_checkpoint` (``load_from_checkpoint(MyModel, "ckpt/last.ckpt")``)
+reads the folder, verified, and hands Lightning the same dictionary.
+
 Values typed JSON cannot hold (an object in ``hyper_parameters``) raise StateError naming the
 key; ``allow_pickle=True`` (or a list of top-level keys, e.g. ``["hyper_parameters"]``) pickles
 them instead. ``async_save=True`` copies the tensors in the caller's thread and writes in a
@@ -294,3 +298,19 @@ class TorchkeepCheckpointIO(CheckpointIO):
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+
+
+def load_from_checkpoint(cls: Any, path: Any, *, allow_pickle: bool | Iterable[str] = False,
+                         **kwargs: Any) -> Any:
+    """``cls.load_from_checkpoint`` for a torchkeep checkpoint folder: the folder is read and
+    verified here, then handed to Lightning as an in-memory file (``kwargs`` as Lightning's:
+    ``map_location``, ``strict``, hyperparameter overrides)."""
+    import io
+
+    checkpoint = TorchkeepCheckpointIO(allow_pickle=allow_pickle).load_checkpoint(path)
+    buf = io.BytesIO()
+    torch.save(checkpoint, buf)
+    buf.seek(0)
+    # Plain containers and tensors only, unless pickled values were allowed above.
+    kwargs.setdefault("weights_only", not allow_pickle)
+    return cls.load_from_checkpoint(buf, **kwargs)
