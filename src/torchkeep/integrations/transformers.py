@@ -38,6 +38,13 @@ def last_good_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return sealed.last_good(output_dir, PREFIX)
 
 
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 class TorchkeepCallback(TrainerCallback):
     """Seals each checkpoint the Trainer saves, and rotates them (``save_total_limit``) only
     once the new one is sealed. Add it to ``Trainer(callbacks=[...])``."""
@@ -79,6 +86,7 @@ class TorchkeepCallback(TrainerCallback):
         self._before_save(args, state, control)
 
     def on_save(self, args, state, control, **kwargs):
+        _barrier()                 # every process has written its part of the folder
         if not args.should_save:   # another process of a multi-process run
             return
         folder = self._folder(args, state)
