@@ -60,9 +60,7 @@ log = logging.getLogger(__name__)
 
 def _plain(obj: Any) -> Any:
     """Lightning's dict subclasses (AttributeDict of hyper_parameters) as plain dicts."""
-    if isinstance(obj, dict) and type(obj) not in (dict,) and type(obj).__name__ == "AttributeDict":
-        return {k: _plain(v) for k, v in obj.items()}
-    if type(obj) is dict:
+    if type(obj) is dict or (isinstance(obj, dict) and type(obj).__name__ == "AttributeDict"):
         return {k: _plain(v) for k, v in obj.items()}
     if type(obj) is list:
         return [_plain(v) for v in obj]

@@ -219,10 +219,8 @@ def rotate(parent: str | os.PathLike, prefix: str, keep: int | None,
     newest = sealed[-1]
     keep_set = {os.path.abspath(p) for p in protect if p}
     keep_set.add(os.path.abspath(newest))
-    if keep is not None and keep > 0:
-        keep_set.update(os.path.abspath(f) for f in sealed[-keep:])
-    elif keep is None or keep <= 0:
-        keep_set.update(os.path.abspath(f) for f in sealed)
+    kept = sealed[-keep:] if keep is not None and keep > 0 else sealed   # no limit: keep all
+    keep_set.update(os.path.abspath(f) for f in kept)
     removed = []
     newest_step = step_of(newest) or 0
     for f in folders:
