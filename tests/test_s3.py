@@ -194,3 +194,24 @@ def test_sharded_checkpoints_on_s3(s3, url, tmp_path, caplog):
         assert CheckpointManager(url).restore(st) == 4
     assert "damaged" in caplog.text and native.step_dirname(6) in caplog.text
     assert (st.step, st.epoch, st.position) == (4, 1, 1)
+
+
+@pytest.mark.slow
+def test_lightning_checkpoints_on_s3(s3, url):
+    pl = pytest.importorskip("lightning.pytorch", reason="needs lightning")  # noqa: F841
+    import test_integrations_lightning as tl
+    from torchkeep.integrations.lightning import TorchkeepCheckpointIO, last_checkpoint
+
+    torch.set_num_threads(1)
+    assert last_checkpoint(url) is None
+    tl._trainer(url, TorchkeepCheckpointIO(), epochs=2).fit(tl.Tiny(), tl._loader())
+    root = url[len("s3://"):]
+    names = sorted(p.rsplit("/", 1)[-1] for p in s3.ls(root, refresh=True))
+    assert names == ["blobs", "epoch=0-step=5.ckpt", "epoch=1-step=10.ckpt", "last.ckpt"], names
+    assert last_checkpoint(url) == f"{url}/last.ckpt"
+    trainer = tl._trainer(url, TorchkeepCheckpointIO(), epochs=3)
+    trainer.fit(tl.Tiny(), tl._loader(), ckpt_path=last_checkpoint(url))
+    assert trainer.global_step == 15                       # resumed at 10, one more epoch
+    assert TorchkeepCheckpointIO().load_checkpoint(f"{url}/last.ckpt")["global_step"] == 15
+    names = sorted(p.rsplit("/", 1)[-1] for p in s3.ls(root, refresh=True))
+    assert names == ["blobs", "epoch=1-step=10.ckpt", "epoch=2-step=15.ckpt", "last.ckpt"], names

@@ -20,6 +20,9 @@ checksums warns and falls back to the newest good checkpoint of the same folder 
 checkpoint ModelCheckpoint wrote at the same step, or an older one). Other paths that fail
 raise :class:`~torchkeep.errors.CorruptCheckpointError`.
 
+On object storage Lightning cannot find ``ckpt_path="last"`` by itself (it compares modification
+times, which a "folder" of objects does not have): pass ``ckpt_path=last_checkpoint(dirpath)``.
+
 ``LightningModule.load_from_checkpoint`` reads files with ``torch.load`` and does not go through
 the plugin: :func:`load_from_checkpoint` (``load_from_checkpoint(MyModel, "ckpt/last.ckpt")``)
 reads the folder, verified, and hands Lightning the same dictionary.
@@ -296,6 +299,31 @@ class TorchkeepCheckpointIO(CheckpointIO):
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+
+
+def last_checkpoint(dirpath: Any) -> str | None:
+    """The newest committed ``last*`` checkpoint of a ModelCheckpoint folder (a local folder or a
+    URL), else the newest committed one, for ``trainer.fit(ckpt_path=...)``; None when there is
+    none. By commit records only: loading it verifies the bytes and falls back if need be."""
+    storage, root = storage_for(os.fspath(dirpath))
+    found = []
+    for name in storage.listdir(root):
+        if is_tmp(name) or name == native.BLOB_DIR:
+            continue
+        sub = storage.join(root, name)
+        try:
+            rec = native.read_commit(storage, sub)
+        except CorruptCheckpointError as e:
+            warnings.warn(f"torchkeep: skipping {sub}: {e.detail}", stacklevel=2)
+            continue
+        if rec is not None:
+            found.append((name.startswith("last"), int(rec.get("step") or 0),
+                          float(rec.get("created") or 0), sub))
+    if not found:
+        return None
+    path = max(found)[3]
+    url_of = getattr(storage, "url_of", None)
+    return url_of(path) if url_of is not None else path
 
 
 def load_from_checkpoint(cls: Any, path: Any, *, allow_pickle: bool | Iterable[str] = False,
