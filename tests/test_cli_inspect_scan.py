@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 from conftest import SmallNet, run_cli
 
@@ -21,9 +22,12 @@ def test_inspect_table(tmp_path):
     out = p.stdout
     assert "torch-zip" in out and "safe" in out
     assert "model weights: 'model_state_dict'" in out and "prefixes stripped: module." in out
-    assert "model_state_dict.module.conv" in out and "model_state_dict.module.fc" in out
-    assert "total: 9 tensors · 779 parameters" in out
-    assert "epoch = 7" in out and "loss = 0.125" in out
+    # Rows show the names with the announced prefix stripped.
+    assert "module.conv" not in out and " conv " in out and " fc " in out
+    # 779 elements = 770 parameters + BatchNorm's running stats (8) and counter (1).
+    assert "model: 770 parameters" in out and "buffers: 3 tensors, 9 elements" in out
+    assert "in the file: 9 tensors · 779 elements" in out
+    assert "progress: epoch=7" in out and "loss = 0.125" in out
 
 
 def test_inspect_json_and_filter(tmp_path):
@@ -34,6 +38,9 @@ def test_inspect_json_and_filter(tmp_path):
     assert [e["name"] for e in data["entries"]] == ["model_state_dict.module.fc.weight",
                                                       "model_state_dict.module.fc.bias"]
     assert data["entries"][0]["shape"] == [10, 64]
+    assert data["model"]["parameters"] == 770 and data["progress"] == {"epoch": 7}
+    assert [e["name"] for e in data["model"]["weights"]] == ["fc.bias"] or \
+        [e["name"] for e in data["model"]["weights"]] == []  # filter on clean names: no '.fc.'
 
 
 def test_inspect_large_counts_use_separators(tmp_path):
@@ -48,7 +55,61 @@ def test_inspect_tree_and_depth(tmp_path):
     assert "weight: float32(4, 3, 3, 3)" in p.stdout and "epoch = 7" in p.stdout
     p = run_cli("inspect", str(path), "--depth", "1", check=True)
     import re
-    assert re.search(r"^\s*model_state_dict\s*│\s*9\s*│\s*779\s*│", p.stdout, re.M), p.stdout
+    assert re.search(r"^\s*bn\s*│\s*5\s*│\s*17\s*│", p.stdout, re.M), p.stdout
+
+
+def test_inspect_training_dict_optimizer_by_name_tied_and_long_keys(tmp_path):
+    torch.manual_seed(0)
+    net = SmallNet()
+    net.extra = torch.nn.Linear(64, 10)
+    net.extra.weight = net.fc.weight  # tied: stored once, two names
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(2, 3, 6, 6)).sum().backward()
+    opt.step()
+    sch = torch.optim.lr_scheduler.StepLR(opt, 3)
+    long_key = "ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min', 'every_n_train_steps': 0, " \
+               "'every_n_epochs': 1, 'train_time_interval': None}"
+    path = tmp_path / "train.pt"
+    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler":
+                sch.state_dict(), "global_step": 12, "epoch": 2,
+                "ema": {k: v.clone() for k, v in net.state_dict().items()},
+                "callbacks": {long_key: {"best_model_score": 0.5}}}, path)
+    p = run_cli("inspect", str(path), check=True)
+    out = p.stdout
+    n = sum(q.numel() for q in net.parameters())  # parameters() yields the tied weight once
+    assert f"model: {n:,} parameters" in out, out
+    assert "tied: 1 names" in out
+    assert "optimizer 'optimizer': SGD-style (momentum_buffer)" in out
+    assert "fc.weight: momentum_buffer float32(10, 64)" in out
+    assert "scheduler 'lr_scheduler': last_epoch=0" in out
+    assert "progress: epoch=2, global_step=12" in out or "progress: global_step=12, epoch=2" in out
+    assert long_key not in out and "…" in out
+    assert all(len(line) <= 160 for line in out.splitlines())
+    data = json.loads(run_cli("inspect", str(path), "--json", check=True).stdout)
+    assert data["model"]["parameters"] == n and data["optimizer"][0]["family"] == "SGD-style"
+    assert data["optimizer"][0]["names_from"] == "the model's parameter order"
+
+
+@pytest.mark.parametrize("damage", ["missing", "short"])
+def test_inspect_flags_missing_or_short_storage(tmp_path, damage):
+    import zipfile
+    src = tmp_path / "ok.pt"
+    torch.save({"a": torch.arange(100, dtype=torch.float32), "b": torch.ones(3)}, src)
+    bad = tmp_path / "bad.pt"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(bad, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith("/data/0"):
+                if damage == "missing":
+                    continue
+                data = data[:40]
+            zout.writestr(info.filename, data)
+    p = run_cli("inspect", str(bad))
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert ("is missing from the archive" if damage == "missing" else "holds 40 bytes but its "
+            "tensors need 400") in p.stdout
+    data = json.loads(run_cli("inspect", str(bad), "--json").stdout)
+    assert data["problems"]
 
 
 def test_errors_are_one_line_exit_2(tmp_path):

@@ -7,6 +7,7 @@ import re
 from collections import OrderedDict
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
@@ -17,12 +18,17 @@ from torchkeep.read.unpickler import Opaque
 
 MAX_GROUPS = 40
 MAX_VALUES = 40
+MAX_NAME = 64
+MAX_OPT_ROWS = 12
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="show what a checkpoint holds (never runs code from it)",
-                       description="Show the format, the model weights' wrapper and prefixes, a table "
-                                   "of tensors grouped by module, and the other stored values.")
+                       description="Show the model's parameters (count and size by dtype, buffers and "
+                                   "tied names apart) under their clean names, then the optimizer "
+                                   "state by parameter name, the scheduler, the progress, other "
+                                   "tensors and values. Exit 2 when the archive's directory shows "
+                                   "missing or short tensor storages.")
     p.add_argument("path", help="checkpoint file or folder, or package.module:Factory for a model")
     p.add_argument("--tree", action="store_true", help="show the whole nested object")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -36,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from torchkeep.look.inspection import describe
     from torchkeep.read import checkpoint
 
     if ":" in args.path and not os.path.exists(args.path):
@@ -44,15 +51,34 @@ def run(args: argparse.Namespace) -> int:
     with ck:
         entries = ck.entries()
         values = other_values(ck.tree)
+        contents = describe(ck)
+        weights = _weight_entries(ck)
         if args.filter:
             rx = re.compile(args.filter)
             entries = [e for e in entries if rx.search(e.name)]
+            weights = [e for e in weights if rx.search(e.name)]
             values = {n: v for n, v in values.items() if rx.search(n)}
         if args.json:
-            print_json(_as_json(ck, entries, values))
-            return 0
-        _render(ck, entries, values, args)
-    return 0
+            print_json(_as_json(ck, entries, weights, values, contents))
+        else:
+            _render(ck, entries, weights, values, contents, args)
+    return 2 if contents.problems else 0
+
+
+def _weight_entries(ck: Checkpoint) -> list[Entry]:
+    """The model weights as entries under their clean names (the prefixes stripped)."""
+    from torchkeep.look.inspection import weight_refs
+
+    return [Entry(n, tuple(r.shape), r.dtype, r.nbytes, r.storage, r.is_parameter, r.location, r,
+                  getattr(r, "scheme", None) or None) for n, r in weight_refs(ck).items()]
+
+
+def fit(name: str, width: int = MAX_NAME) -> str:
+    """``name`` cut in the middle to ``width`` characters (long callback keys stay readable)."""
+    if len(name) <= width:
+        return name
+    keep = width - 1
+    return name[: keep - keep // 3] + "…" + name[len(name) - keep // 3:]
 
 
 def other_values(obj: Any) -> dict[str, Any]:
@@ -117,64 +143,130 @@ def group_entries(entries: list[Entry], depth: int | None) -> "OrderedDict[str, 
     return groups
 
 
-def _render(ck: Checkpoint, entries: list[Entry], values: dict[str, Any],
-            args: argparse.Namespace) -> None:
+def _render(ck: Checkpoint, entries: list[Entry], weights: list[Entry], values: dict[str, Any],
+            contents: Any, args: argparse.Namespace) -> None:
     out = console()
     s = ck.summary
     verdict, bad = _verdict(ck)
     size = sum(os.path.getsize(f) for f in ck.reader.files() if os.path.isfile(f))
     kind = f" · {s.kind}" if s.kind else ""
-    out.print(f"[bold]{ck.path}[/]  {s.format}{kind} · {human_bytes(size)} on disk · "
+    out.print(f"[bold]{escape(ck.path)}[/]  {s.format}{kind} · {human_bytes(size)} on disk · "
               f"{'[green]' if not bad else '[yellow]'}{verdict}[/]")
     if bad:
-        out.print(f"  classes not imported: {', '.join(bad[:8])}{' …' if len(bad) > 8 else ''}")
-    if s.wrapper is not None:
-        where = f"'{s.wrapper}'" if s.wrapper else "the top level"
-        pre = f"; prefixes stripped: {', '.join(s.prefixes)}" if s.prefixes else ""
-        out.print(f"  model weights: {where} ({len(ck.state_refs())} tensors){pre}")
-    for note in s.notes:
-        out.print(f"  [dim]{note}[/]")
+        out.print(f"  classes not imported: {', '.join(bad[:8])}{' …' if len(bad) > 8 else ''}",
+                  markup=False)
+    for p in contents.problems:
+        out.print(f"  [red]damaged:[/] {escape(p)}")
+    for note in s.notes + contents.notes:
+        out.print(f"  [dim]{escape(note)}[/]")
     if s.metadata:
         meta = ", ".join(f"{k}={v}" for k, v in list(s.metadata.items())[:6])
-        out.print(f"  metadata: {meta}")
-
+        out.print(f"  metadata: {fit(meta, 150)}", markup=False)
     if args.tree:
         out.print(_tree(ck.tree, os.path.basename(ck.path)))
-    elif args.all:
-        t = Table(show_edge=False, header_style="bold")
-        for col in ("name", "shape", "dtype", "bytes"):
-            t.add_column(col, justify="right" if col == "bytes" else "left")
-        for e in entries:
-            t.add_row(e.name, _shape(e.shape), dtype_name(e.dtype), human_bytes(e.nbytes))
-        out.print(t)
-    else:
-        t = Table(show_edge=False, header_style="bold")
-        t.add_column("module")
-        t.add_column("tensors", justify="right")
-        t.add_column("parameters", justify="right")
-        t.add_column("bytes", justify="right")
-        t.add_column("dtypes")
-        t.add_column("shape")
-        for g, es in group_entries(entries, args.depth).items():
-            dts = sorted({dtype_name(e.dtype) for e in es})
-            shape = _shape(es[0].shape) if len(es) == 1 else ""
-            t.add_row(g, str(len(es)), human_count(sum(e.numel for e in es)),
-                      human_bytes(sum(e.nbytes for e in es)), ",".join(dts), shape)
-        out.print(t)
+        return
+    _render_model(out, ck, weights, contents, args)
+    _render_training(out, contents)
+    inside = {id(e.ref) for e in weights}
+    shown = _summarised(contents)
+    rest = [e for e in entries if id(e.ref) not in inside and not _under(e.name, shown)]
+    values = {n: v for n, v in values.items() if not _under(n, shown)}
+    if rest:
+        out.print(f"[bold]other tensors[/] ({human_count(len(rest))}, "
+                  f"{human_bytes(sum(e.nbytes for e in rest))}):")
+        out.print(_table(rest, args, "group"))
     total = sum(e.numel for e in entries)
-    by_dtype = {}
-    for e in entries:
-        by_dtype[dtype_name(e.dtype)] = by_dtype.get(dtype_name(e.dtype), 0) + e.numel
-    dts = ", ".join(f"{k} {human_count(v)}" for k, v in sorted(by_dtype.items(), key=lambda kv: -kv[1]))
-    out.print(f"[bold]total[/]: {human_count(len(entries))} tensors · {human_count(total)} parameters · "
-              f"{human_bytes(sum(e.nbytes for e in entries))}" + (f" ({dts})" if dts else ""))
-    if values and not args.tree:
+    out.print(f"[bold]in the file[/]: {human_count(len(entries))} tensors · {human_count(total)} "
+              f"elements · {human_bytes(sum(e.nbytes for e in entries))}")
+    if values:
         shown = list(values.items()) if args.all else list(values.items())[:MAX_VALUES]
         out.print("[bold]other values[/]:")
         for n, v in shown:
-            out.print(f"  {n} = {_value(v)}", markup=False)
+            out.print(f"  {fit(n)} = {_value(v)}", markup=False)
         if len(shown) < len(values):
             out.print(f"  … {len(values) - len(shown)} more (--all shows every one)")
+
+
+def _summarised(contents: Any) -> list[str]:
+    """Tree paths whose content the optimizer/scheduler lines already tell."""
+    return [o.path for o in contents.optimizer] + list(contents.scheduler)
+
+
+def _under(name: str, paths: list[str]) -> bool:
+    return any(p == "<root>" or name == p or name.startswith(p + ".") for p in paths)
+
+
+def _render_model(out: Any, ck: Checkpoint, weights: list[Entry], contents: Any,
+                  args: argparse.Namespace) -> None:
+    s, m = ck.summary, contents.model
+    if s.wrapper is None:
+        out.print("  model weights: none found (no mapping of names to tensors)")
+        return
+    where = f"'{s.wrapper}'" if s.wrapper else "the top level"
+    pre = f"; prefixes stripped: {', '.join(s.prefixes)}" if s.prefixes else ""
+    out.print(f"  model weights: {where} ({len(weights)} tensors){pre}", markup=False)
+    if weights:
+        out.print(_table(weights, args, "module"))
+    dts = ", ".join(f"{k} {human_count(v)}" for k, v in sorted(m.by_dtype.items(), key=lambda kv: -kv[1]))
+    extra = []
+    if m.buffers:
+        extra.append(f"buffers: {m.buffers} tensors, {human_count(m.buffer_elements)} elements "
+                     f"(told apart by {m.buffers_by})")
+    if m.tied:
+        extra.append(f"tied: {len(m.tied)} names share another's storage, counted once")
+    if m.quantized:
+        extra.append(f"quantized: {len(m.quantized)} tensors")
+    out.print(f"[bold]model[/]: {human_count(m.parameters)} parameters · "
+              f"{human_bytes(m.parameter_bytes)}" + (f" ({dts})" if dts else ""))
+    for line in extra:
+        out.print(f"  {line}", markup=False)
+
+
+def _render_training(out: Any, c: Any) -> None:
+    for o in c.optimizer:
+        how = f", by parameter name (names from {o.names_from})" if o.by_name else ", by index"
+        out.print(f"[bold]optimizer[/] '{escape(o.path)}': {o.family} "
+                  f"({', '.join(o.state_keys) or 'no state yet'}); state for {o.params} parameters"
+                  f"{how}; {human_count(o.elements)} elements, {human_bytes(o.nbytes)}")
+        for name, st in list(o.state.items())[:MAX_OPT_ROWS]:
+            out.print(f"  {fit(name)}: " + ", ".join(f"{k} {v}" for k, v in st.items()), markup=False)
+        if len(o.state) > MAX_OPT_ROWS:
+            out.print(f"  … {len(o.state) - MAX_OPT_ROWS} more parameters")
+        for i, g in enumerate(o.groups):
+            out.print(f"  group {i}: " + fit(", ".join(f"{k}={v}" for k, v in g.items()), 150),
+                      markup=False)
+    for path, sch in c.scheduler.items():
+        out.print(f"[bold]scheduler[/] '{escape(path)}': " +
+                  escape(", ".join(f"{k}={v}" for k, v in sch.items())))
+    if c.progress:
+        out.print("[bold]progress[/]: " + ", ".join(f"{k}={v}" for k, v in c.progress.items()))
+
+
+def _table(entries: list[Entry], args: argparse.Namespace, first: str) -> Table:
+    t = Table(show_edge=False, header_style="bold")
+    if args.all:
+        t.add_column("name", overflow="fold", max_width=MAX_NAME)
+        for col in ("shape", "dtype", "bytes"):
+            t.add_column(col, justify="right" if col == "bytes" else "left")
+        for e in entries:
+            t.add_row(fit(e.name), _shape(e.shape), _dtype(e), human_bytes(e.nbytes))
+        return t
+    t.add_column(first, overflow="fold", max_width=MAX_NAME)
+    t.add_column("tensors", justify="right")
+    t.add_column("elements", justify="right")
+    t.add_column("bytes", justify="right")
+    t.add_column("dtypes")
+    t.add_column("shape")
+    for g, es in group_entries(entries, args.depth).items():
+        dts = sorted({_dtype(e) for e in es})
+        shape = _shape(es[0].shape) if len(es) == 1 else ""
+        t.add_row(fit(g), str(len(es)), human_count(sum(e.numel for e in es)),
+                  human_bytes(sum(e.nbytes for e in es)), ",".join(dts), shape)
+    return t
+
+
+def _dtype(e: Entry) -> str:
+    return dtype_name(e.dtype) + (f" [{e.scheme}]" if e.scheme else "")
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -219,17 +311,26 @@ def _add(node: Tree, obj: Any, depth: int) -> None:
             node.add(f"{k} = {_value(v)}")
 
 
-def _as_json(ck: Checkpoint, entries: list[Entry], values: dict[str, Any]) -> dict[str, Any]:
+def _as_json(ck: Checkpoint, entries: list[Entry], weights: list[Entry], values: dict[str, Any],
+             contents: Any) -> dict[str, Any]:
     verdict, bad = _verdict(ck)
     s = ck.summary
+    def row(e: Entry) -> dict[str, Any]:
+        d = {"name": e.name, "shape": list(e.shape), "dtype": dtype_name(e.dtype), "nbytes": e.nbytes}
+        if e.scheme:
+            d["scheme"] = e.scheme
+        return d
+    c = contents.to_dict()
     return {
         "path": ck.path, "format": s.format, "kind": s.kind, "safe": not bad, "not_imported": bad,
         "wrapper": s.wrapper, "prefixes": s.prefixes, "candidates": s.candidates,
-        "metadata": s.metadata, "notes": s.notes,
-        "total": {"tensors": len(entries), "parameters": sum(e.numel for e in entries),
+        "metadata": s.metadata, "notes": s.notes + contents.notes, "problems": contents.problems,
+        "model": {**c["model"], "weights": [row(e) for e in weights]},
+        "optimizer": c["optimizer"], "scheduler": c["scheduler"], "progress": c["progress"],
+        "other_tensors": c["other_tensors"],
+        "total": {"tensors": len(entries), "elements": sum(e.numel for e in entries),
                   "bytes": sum(e.nbytes for e in entries)},
-        "entries": [{"name": e.name, "shape": list(e.shape), "dtype": dtype_name(e.dtype),
-                     "nbytes": e.nbytes} for e in entries],
+        "entries": [row(e) for e in entries],
         "values": {n: _json_value(v) for n, v in values.items()},
     }
 

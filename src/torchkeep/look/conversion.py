@@ -123,8 +123,27 @@ def _source(src: Any, trust: bool) -> tuple[str, dict[str, Any], Any, str | None
             closer.close()
         raise FormatError("found no model weights to convert (no mapping of names to tensors)",
                           path=ck.path, hint="torchkeep inspect shows what the file holds")
+    from torchkeep.read.formats.deepspeed import zero3_placeholders
     from torchkeep.read.unpickler import Opaque
 
+    empty = zero3_placeholders(ck.tree)
+    if empty:
+        if closer is not None:
+            closer.close()
+        raise FormatError(
+            f"{len(empty)} parameters ({', '.join(empty[:3])}) are empty placeholders: this is a "
+            "DeepSpeed ZeRO-3 model-states file, whose weights live in the optimizer partitions",
+            path=ck.path, hint="convert the DeepSpeed run folder (with 'latest') or its global_stepN "
+                               "folder instead")
+    from torchkeep.read.formats.quantized import QuantizedRef
+
+    quant = [k for k, v in flat.items() if isinstance(v, QuantizedRef)]
+    if quant:
+        if closer is not None:
+            closer.close()
+        raise FormatError(f"{len(quant)} weights are quantized ({quant[0]}: {flat[quant[0]].scheme}); "
+                          "convert writes plain tensors only", path=ck.path,
+                          hint="read them with Checkpoint.state_dict() (or dequantize=True for float)")
     opaque = {k: v for k, v in flat.items() if isinstance(v, Opaque)}
     if opaque:
         if not trust:
@@ -355,8 +374,7 @@ def convert(src: Any, dst: str | os.PathLike, *, strip_prefix: str | None = None
                         wrapper=wrapper, prefixes=prefixes)
     try:
         items = _plan(flat, strip_prefix, add_prefix, rename, cast_to, res)
-        if not items:
-            raise FormatError("no tensors to write", path=desc)
+        _refuse_empty(items, res, desc)
         if fmt == "safetensors":
             for it in items:
                 if not st.storable(it.dtype):
@@ -386,6 +404,24 @@ def convert(src: Any, dst: str | os.PathLike, *, strip_prefix: str | None = None
     res.verified = True
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _refuse_empty(items: Sequence[_Item], res: ConvertResult, desc: str) -> None:
+    """Refuse to write a file without data: no tensors at all, or only empty ones."""
+    if not items:
+        why = "; ".join(f"{n}: {w}" for n, w in list(res.skipped.items())[:3])
+        raise FormatError("no tensors to write" + (f" (skipped {len(res.skipped)}: {why})" if why else
+                                                   " (the weights mapping is empty)"), path=desc)
+    if all(it.ref.numel == 0 for it in items):
+        shapes = sorted({tuple(it.ref.shape) for it in items})
+        zero3 = any(s == (0,) for s in shapes)
+        raise FormatError(
+            f"all {len(items)} tensors are empty (shapes {', '.join(map(str, shapes[:3]))}); "
+            "the file would hold no weights" + (
+                ": (0,) placeholders are what a DeepSpeed ZeRO-3 model-states file keeps, its "
+                "weights live in the optimizer partitions" if zero3 else ""), path=desc,
+            hint="open the DeepSpeed run folder (with 'latest') or its global_stepN folder instead"
+            if zero3 else "torchkeep inspect shows what the file holds")
 
 
 def _carried_metadata(src: Any) -> dict[str, str]:

@@ -40,6 +40,7 @@ class Entry:
     is_parameter: bool = False
     location: str | None = None
     ref: TensorRef | None = field(default=None, repr=False, compare=False)
+    scheme: str | None = None        # how a quantized tensor stores its values; None: plain
 
     @property
     def numel(self) -> int:
@@ -87,11 +88,17 @@ def _tensor_count(obj: Any) -> int:
         return 0
     n = 0
     for k, v in obj.items():
-        if isinstance(v, TensorRef):
+        if isinstance(v, TensorRef) or _packed(v):
             n += 1
         elif isinstance(v, (Mapping, list, tuple)) and not str(k).endswith("_extra_state"):
             return 0  # a container of containers (a checkpoint, an optimizer state), not weights
     return n if n * 2 >= len(obj) else 0
+
+
+def _packed(v: Any) -> bool:
+    """A tuple of tensors stored as one state-dict value (quantized packed params)."""
+    return isinstance(v, tuple) and bool(v) and all(isinstance(x, TensorRef) or x is None for x in v) \
+        and any(isinstance(x, TensorRef) for x in v)
 
 
 def _priority(path: str) -> int:
@@ -139,7 +146,7 @@ class Checkpoint:
         for name, v in tree.walk(self.tree, children=_children):
             if isinstance(v, TensorRef):
                 out.append(Entry(name, tuple(v.shape), v.dtype, v.nbytes, v.storage,
-                                 v.is_parameter, v.location, v))
+                                 v.is_parameter, v.location, v, getattr(v, "scheme", None) or None))
         return out
 
     def __iter__(self):
@@ -167,6 +174,11 @@ class Checkpoint:
         if self._state is not None:
             return self._state
         root = self.tree
+        fixed = getattr(self.reader, "weights_at", None)  # formats that know where weights are
+        if fixed is not None and isinstance(root, Mapping) and isinstance(root.get(fixed), Mapping):
+            flat = {tree.join("", k): v for k, v in root[fixed].items()}
+            self._state = (fixed, flat, [], {fixed: _tensor_count(root[fixed])})
+            return self._state
         cands: list[tuple[str, Any]] = [("", root)]
         if isinstance(root, Mapping):
             for k, v in root.items():
@@ -218,13 +230,15 @@ class Checkpoint:
         """The model weights as lazy refs, under the names a bare model would use."""
         return {k: v for k, v in self._find_state()[1].items() if isinstance(v, TensorRef)}
 
-    def state_dict(self, device: str | torch.device = "cpu", *, mmap: bool = False) -> dict[str, Any]:
+    def state_dict(self, device: str | torch.device = "cpu", *, mmap: bool = False,
+                   dequantize: bool = False) -> dict[str, Any]:
         """The model weights, found inside common wrappers, with wrapper prefixes stripped.
 
         Tensors are read onto ``device`` whatever device the writer had them on. With
         ``mmap=True`` CPU tensors map the file copy-on-write instead of copying it (fastest,
         like ``torch.load(mmap=True)``); the file must then not be truncated in place while
-        they are alive (an atomic replacement is fine).
+        they are alive (an atomic replacement is fine). Quantized tensors come back as the writer
+        saved them (torch quantized tensors, torchao tensors), as float with ``dequantize=True``.
         """
         wrapper, flat, _, _ = self._find_state()
         if wrapper is None:
@@ -239,8 +253,21 @@ class Checkpoint:
                     f"{', '.join(globs)}", globals=globs, path=self.path)
             return self._trusted_state_dict(device)
         refs = {k: v for k, v in flat.items() if isinstance(v, TensorRef)}
-        loaded = _load_refs(refs, device, mmap)
-        return {k: loaded[k] if k in loaded else v for k, v in flat.items()}
+        packed = {f"{k}\0{i}": x for k, v in flat.items() if _packed(v)
+                  for i, x in enumerate(v) if isinstance(x, TensorRef)}
+        loaded = _load_refs({**refs, **packed}, device, mmap)
+        out = {}
+        for k, v in flat.items():
+            if k in loaded:
+                out[k] = loaded[k]
+            elif _packed(v):
+                out[k] = tuple(loaded.get(f"{k}\0{i}", x) for i, x in enumerate(v))
+            else:
+                out[k] = v
+        if dequantize:
+            from torchkeep.read.formats.quantized import dequantize as deq
+            out = {k: deq(v) for k, v in out.items()}
+        return out
 
     def _trusted_state_dict(self, device) -> dict[str, Any]:
         wrapper, _, _, _ = self._find_state()

@@ -246,6 +246,13 @@ def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
 
 def _rebuild_from_type_v2(func, new_type, args, state):
     obj = func(*args)
+    if type(obj).__name__ == "WrapperShell":  # a torchao tensor: see _rebuild_wrapper_subclass
+        from torchkeep.read.formats.quantized import torchao_ref
+
+        ref = torchao_ref(obj, state)
+        if ref is not None:
+            return ref
+        obj = _placeholder("torch._utils", "_rebuild_wrapper_subclass")(obj)
     if isinstance(new_type, type) and issubclass(new_type, Opaque):
         wrapped = new_type(obj)
         wrapped.__setstate__(state)
@@ -407,6 +414,43 @@ _SAFE_DATA = frozenset({
 })
 
 _ALLOWED: dict[str, Any] = _build_allowed()
+
+
+# --- quantized tensors as data (torch.ao quantized tensors, torchao subclasses) ---------------
+
+def _rebuild_qtensor(storage, storage_offset, size, stride, quantizer_params, requires_grad=False,
+                     backward_hooks=None):
+    from torchkeep.read.formats.quantized import qtensor_ref
+
+    ref = _tensor_ref(storage, storage_offset, size, stride, requires_grad)
+    out = qtensor_ref(ref, quantizer_params, requires_grad) if isinstance(ref, TensorRef) else None
+    if out is None:
+        return _placeholder("torch._utils", "_rebuild_qtensor")(storage, storage_offset, size, stride,
+                                                                quantizer_params)
+    return out
+
+
+def _rebuild_wrapper_subclass(cls, dtype, size, stride, storage_offset, layout, device,
+                              requires_grad):
+    from torchkeep.read.formats.quantized import WrapperShell
+
+    name = getattr(cls, "global_name", None)
+    if name is None or not isinstance(dtype, torch.dtype):
+        return _placeholder("torch._utils", "_rebuild_wrapper_subclass")(cls, dtype, size)
+    return WrapperShell(name, dtype, tuple(size), tuple(stride) if stride is not None else None,
+                        int(storage_offset), bool(requires_grad))
+
+
+def _quantized_rebuilds() -> dict[str, Any]:
+    out: dict[str, Any] = {"torch._utils._rebuild_qtensor": _rebuild_qtensor,
+                           "torch._utils._rebuild_wrapper_subclass": _rebuild_wrapper_subclass}
+    for q in ("per_tensor_affine", "per_channel_affine", "per_tensor_symmetric",
+              "per_channel_symmetric", "per_channel_affine_float_qparams"):
+        out[f"torch.{q}"] = getattr(torch, q)
+    return out
+
+
+_ALLOWED.update(_quantized_rebuilds())
 
 
 # --- the restricted unpickler ---------------------------------------------------------------

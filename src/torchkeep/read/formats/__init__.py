@@ -11,8 +11,10 @@ from torchkeep.read.formats.base import Reader, TensorRef
 READERS: list[tuple[str, str]] = [
     ("torchkeep", "torchkeep.read.formats.native:NativeReader"),
     ("dcp", "torchkeep.read.formats.dcp:DCPReader"),
+    ("deepspeed", "torchkeep.read.formats.deepspeed:DeepSpeedReader"),
     ("hf-sharded", "torchkeep.read.formats.hfindex:ShardedReader"),
     ("safetensors", "torchkeep.read.formats.safetensors:SafetensorsReader"),
+    ("torch-export", "torchkeep.read.formats.pt2:Pt2Reader"),
     ("torch-zip", "torchkeep.read.formats.torchzip:TorchZipReader"),
     ("torch-legacy", "torchkeep.read.formats.torchlegacy:LegacyReader"),
 ]

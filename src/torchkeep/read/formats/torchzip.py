@@ -23,6 +23,7 @@ from torchkeep.read.unpickler import (GlobalRef, StorageRef, restricted_load_wit
 
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 _LOCAL_SIG = b"PK\x03\x04"
+_CONSTANTS = "constants/"
 
 
 def pread_into(fd: int, buf: torch.Tensor, offset: int, *, path: str, what: str) -> None:
@@ -71,6 +72,7 @@ class TorchZipReader(Reader):
         self._seen: list[GlobalRef] = []
         self._big_endian = False
         self.kind: str | None = None
+        self.weights_at: str | None = None
 
     @classmethod
     def sniff(cls, path: str, head: bytes) -> bool:
@@ -148,13 +150,45 @@ class TorchZipReader(Reader):
         member = self._prefix + "data.pkl"
         obj, self._seen = restricted_load_with_globals(data, path=self.path, member=member,
                                                        persistent_load=self._persistent_load)
+        if self.kind == "torchscript":
+            from torchkeep.read.formats.torchscript import script_tree
+
+            consts, seen = restricted_load_with_globals(
+                self._read_record("constants.pkl"), path=self.path,
+                member=self._prefix + "constants.pkl", persistent_load=self._constants_load)
+            self._seen.extend(seen)
+            self.weights_at = "module"
+            return script_tree(obj, consts, self.path)
         return obj
+
+    def _constants_load(self, pid: Any) -> Any:
+        # constants.pkl names storages under constants/, a namespace apart from data/
+        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ("storage", b"storage"):
+            pid = (pid[0], pid[1], f"{_CONSTANTS}{pid[2]}", *pid[3:])
+        return self._persistent_load(pid)
 
     def _persistent_load(self, pid: Any) -> Any:
         typename, ref, _ = storage_from_pid(pid, self, self._storages, path=self.path, fields=5)
         if ref is None:
             raise CorruptCheckpointError(f"unknown persistent id {typename!r}", path=self.path)
         return ref
+
+    def check_storages(self) -> list[str]:
+        """Storages the pickle names that the zip directory lacks or holds short, without
+        reading tensor bytes."""
+        self._zip()
+        out = []
+        for st in self._storages.values():
+            need = st.numel * st.dtype.itemsize
+            name = _member(st.key)
+            try:
+                _, size = self._record_info(name)
+            except CorruptCheckpointError:
+                out.append(f"storage {name} ({need} bytes) is missing from the archive")
+                continue
+            if size < need:
+                out.append(f"storage {name} holds {size} bytes but its tensors need {need}")
+        return out
 
     def globals(self) -> list[GlobalRef]:
         if not self._seen:
@@ -164,7 +198,7 @@ class TorchZipReader(Reader):
     # -- bytes -------------------------------------------------------------------------
     def _member_span(self, key: str, nbytes: int) -> int:
         """Absolute offset of a storage's bytes (-1 if compressed), after checking its size."""
-        name = f"data/{key}"
+        name = _member(key)
         header_offset, size = self._record_info(name)
         if size < nbytes:
             raise CorruptCheckpointError(
@@ -185,7 +219,7 @@ class TorchZipReader(Reader):
         nbytes = st.numel * st.dtype.itemsize
         offset = self._member_span(st.key, nbytes)
         if offset < 0:  # re-zipped with compression: let the zip library inflate it
-            data = self._read_record(f"data/{st.key}")
+            data = self._read_record(_member(st.key))
             buf = torch.frombuffer(bytearray(data[:nbytes]), dtype=torch.uint8) if nbytes else \
                 torch.empty(0, dtype=torch.uint8)
         else:
@@ -243,6 +277,11 @@ class TorchZipReader(Reader):
         if self._zf is not None:
             self._zf.close()
         self._zf = self._fast = self._mm = None  # live tensors keep their mapping alive
+
+
+def _member(key: str) -> str:
+    """The archive member holding storage ``key``."""
+    return key if key.startswith(_CONSTANTS) else f"data/{key}"
 
 
 def _byteswap(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
