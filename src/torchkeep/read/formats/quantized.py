@@ -48,11 +48,15 @@ TORCHAO_DATA = frozenset({
 })
 
 
+def _placeholder(v: Any) -> bool:
+    """An instance of a class the restricted unpickler did not import (see read.unpickler;
+    not imported here, as the unpickler imports this module)."""
+    return type(v).__module__ == "torchkeep.placeholders"
+
+
 def _data_ok(v: Any) -> bool:
     """True when ``v`` holds only plain values and placeholders of TORCHAO_DATA records."""
-    from torchkeep.read.unpickler import Opaque
-
-    if isinstance(v, Opaque):
+    if _placeholder(v):
         state = list(v.state.values()) if isinstance(v.state, dict) else [v.state]
         return v.global_name in TORCHAO_DATA and all(_data_ok(x) for x in (*v.args, *state))
     if isinstance(v, (list, tuple)):
@@ -64,9 +68,7 @@ def _data_ok(v: Any) -> bool:
 
 def _rebuild_data(v: Any) -> Any:
     """TORCHAO_DATA placeholders as the real records (torchao imported)."""
-    from torchkeep.read.unpickler import Opaque
-
-    if isinstance(v, Opaque):
+    if _placeholder(v):
         cls = _import(v.global_name)
         if v.state is None and len(v.args) == 1 and isinstance(cls, type) and \
                 issubclass(cls, __import__("enum").Enum):
