@@ -206,18 +206,38 @@ def _param_names(opt: Mapping, model_names: list[str]) -> tuple[dict[Any, str], 
     if isinstance(opt.get("param_names"), list):
         return dict(enumerate(opt["param_names"])), "the optimizer's param_names"
     ids = [i for g in groups if isinstance(g, Mapping) for i in (g.get("params") or [])]
-    if ids and len(ids) == len(model_names):
+    # With one group the ids follow model.parameters(), the state dict's parameter order; with
+    # several (decay / no decay) the order depends on how the groups were built: not told.
+    if ids and len(groups) == 1 and len(ids) == len(model_names):
         return dict(zip(ids, model_names)), "the model's parameter order"
     return {}, ""
 
 
-def describe_optimizer(path: str, opt: Mapping, model_names: list[str]) -> OptimizerPart:
+def _shapes_agree(state: Mapping, names: dict[Any, str], shapes: dict[str, tuple]) -> bool:
+    """Every per-parameter state tensor shaped like its parameter (or a scalar)."""
+    for pid, st in state.items():
+        want = shapes.get(names.get(pid, ""))
+        if want is None or not isinstance(st, Mapping):
+            return False
+        for v in st.values():
+            if isinstance(v, TensorRef) and v.numel > 1 and tuple(v.shape) != want:
+                return False
+    return True
+
+
+def describe_optimizer(path: str, opt: Mapping, model_names: list[str],
+                       shapes: dict[str, tuple] | None = None) -> OptimizerPart:
+    """``model_names``: the model's parameters in stored order, or [] when the format does not
+    keep the order (safetensors sorts names), so names cannot follow from positions."""
     part = OptimizerPart(path=path or "<root>")
     state = opt["state"]
     if state and all(isinstance(p, str) for p in state):
         names, part.names_from = {}, "the state's keys"
     else:
         names, part.names_from = _param_names(opt, model_names)
+        if part.names_from == "the model's parameter order" and not _shapes_agree(
+                state, names, shapes or {}):
+            names, part.names_from = {}, ""
     keys: set[str] = set()
     for pid, st in state.items():
         if not isinstance(st, Mapping):
@@ -297,8 +317,10 @@ def describe(ck: Any) -> Contents:
     params = [n for n, r in refs.items() if n not in model.tied and (
         r.is_parameter or (r.dtype.is_floating_point and n.rpartition(".")[2] not in BUFFER_NAMES
                            and n not in hint))]
+    ordered = all(r.reader.format != "safetensors" for r in refs.values())
+    shapes = {n: tuple(r.shape) for n, r in refs.items()}
     for path, opt in _find(root, _is_optimizer):
-        c.optimizer.append(describe_optimizer(path, opt, params))
+        c.optimizer.append(describe_optimizer(path, opt, params if ordered else [], shapes))
     for path, sch in _find(root, _is_scheduler):
         c.scheduler[path or "<root>"] = {k: sch[k] for k in ("last_epoch", "_step_count", "base_lrs",
                                                             "_last_lr") if k in sch}

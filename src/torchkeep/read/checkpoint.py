@@ -175,6 +175,10 @@ class Checkpoint:
             return self._state
         root = self.tree
         fixed = getattr(self.reader, "weights_at", None)  # formats that know where weights are
+        if isinstance(fixed, tuple) and isinstance(root, Mapping):  # several parts: part.name
+            flat = {n: v for p in fixed for n, v in tree.walk(root.get(p, {}), p, children=_children)}
+            self._state = (",".join(fixed), flat, [], {p: _tensor_count(root.get(p)) for p in fixed})
+            return self._state
         if fixed is not None and isinstance(root, Mapping) and isinstance(root.get(fixed), Mapping):
             flat = {tree.join("", k): v for k, v in root[fixed].items()}
             self._state = (fixed, flat, [], {fixed: _tensor_count(root[fixed])})
@@ -317,7 +321,7 @@ class Checkpoint:
             s.wrapper, s.prefixes, s.candidates = wrapper, list(prefixes), dict(counts)
             s.classes = _placeholder_classes(self.tree)
             s.metadata = dict(self.reader.metadata)
-            if len(counts) > 1 and wrapper is not None:
+            if len(counts) > 1 and wrapper is not None and wrapper in counts:
                 others = ", ".join(f"{p or '<root>'} ({n})" for p, n in counts.items() if p != wrapper)
                 s.notes.append(f"state dict taken from '{wrapper or '<root>'}' "
                                f"({counts[wrapper]} tensors); also seen: {others}")

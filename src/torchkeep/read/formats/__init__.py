@@ -11,7 +11,11 @@ from torchkeep.read.formats.base import Reader, TensorRef
 READERS: list[tuple[str, str]] = [
     ("torchkeep", "torchkeep.read.formats.native:NativeReader"),
     ("dcp", "torchkeep.read.formats.dcp:DCPReader"),
+    ("training-folder", "torchkeep.read.formats.runfolder:TrainingFolderReader"),
     ("deepspeed", "torchkeep.read.formats.deepspeed:DeepSpeedReader"),
+    ("diffusers", "torchkeep.read.formats.diffusers:PipelineReader"),
+    ("sentence-transformers", "torchkeep.read.formats.sentencetf:SentenceTransformersReader"),
+    ("tensordict", "torchkeep.read.formats.tdmemmap:MemmapReader"),
     ("hf-sharded", "torchkeep.read.formats.hfindex:ShardedReader"),
     ("safetensors", "torchkeep.read.formats.safetensors:SafetensorsReader"),
     ("torch-export", "torchkeep.read.formats.pt2:Pt2Reader"),
@@ -52,7 +56,10 @@ def detect(path: str) -> type[Reader]:
             return cls
     if is_dir:
         raise FormatError("not a checkpoint folder: found no .metadata (DCP), *.index.json (sharded), "
-                          "manifest.json (torchkeep) or single weights file", path=path)
+                          "manifest.json (torchkeep), latest/global_stepN (DeepSpeed), "
+                          "model_index.json (diffusers), modules.json (sentence-transformers), "
+                          "meta.json (tensordict), trainer_state.json or random_states_0.pkl "
+                          "(Trainer, accelerate) or single weights file", path=path)
     shown = head[:16]
     if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
         what = f"a text file (starts with {shown.decode('ascii', 'replace')!r})"
