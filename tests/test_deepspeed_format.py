@@ -95,3 +95,25 @@ def test_missing_rank_file_is_named(tmp_path_factory, tmp_path):
     os.remove(run / "global_step2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
     with pytest.raises(torchkeep.CorruptCheckpointError, match="2 ranks but 1"):
         torchkeep.open(run).state_dict()
+
+
+@pytest.mark.parametrize("stage,world", [(2, 1), (3, 2)])
+def test_without_optimizer_partitions(stage, world, tmp_path_factory, tmp_path, caplog):
+    import shutil
+    out = _written(stage, world, tmp_path_factory)
+    run = tmp_path / "run"
+    shutil.copytree(os.path.join(out, "run"), run)
+    step = run / "global_step2"
+    for f in os.listdir(step):
+        if f.endswith("_optim_states.pt"):
+            os.remove(step / f)
+    if stage == 3:
+        with pytest.raises(FormatError, match=r"\(0,\) placeholders"):
+            torchkeep.open(run).state_dict()
+        return
+    ms = torch.load(step / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")
+    with caplog.at_level("WARNING"), torchkeep.open(run) as ck:
+        sd = ck.state_dict()
+        assert "no optimizer partitions" in caplog.text
+        assert ck.metadata["weights"] == "model states as saved"
+    assert list(sd) == list(ms["module"]) and all(torch.equal(sd[k], ms["module"][k]) for k in sd)

@@ -302,7 +302,10 @@ class DeepSpeedReader(Reader):
             by_reader.setdefault(id(s.reader), (s.reader, []))[1].append(i)
         got: dict[int, torch.Tensor] = {}
         for reader, ids in by_reader.values():
-            tensors = reader.load([srcs[i] for i in ids], "cpu", mmap=True)
+            try:
+                tensors = reader.load([srcs[i] for i in ids], "cpu", mmap=True)
+            except TypeError:  # a reader that cannot map
+                tensors = reader.load([srcs[i] for i in ids], "cpu")
             got.update((i, t.reshape(-1)) for i, t in zip(ids, tensors))
         out, done = [], {}
         for r in refs:
