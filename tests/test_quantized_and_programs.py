@@ -22,7 +22,8 @@ def _same(a, b) -> bool:
         return (a.is_quantized and a.qscheme() == b.qscheme() and a.dtype == b.dtype
                 and torch.equal(a.int_repr(), b.int_repr()) and torch.equal(a.dequantize(), b.dequantize()))
     if isinstance(b, torch.Tensor) and type(b) is not torch.Tensor and not isinstance(b, torch.nn.Parameter):
-        return type(a) is type(b) and torch.equal(a.qdata, b.qdata) and torch.equal(a.dequantize(), b.dequantize())
+        return (type(a) is type(b) and torch.equal(a.qdata, b.qdata)
+                and torch.equal(a.dequantize(), b.dequantize()))
     if isinstance(b, torch.Tensor):
         return type(a) in (torch.Tensor, torch.nn.Parameter) and a.dtype == b.dtype and torch.equal(a, b)
     return a == b
@@ -45,7 +46,8 @@ def test_dynamic_quantization_packed_params(tmp_path):
         sd = ck.state_dict()
         assert list(sd) == list(ref) and all(_same(sd[k], ref[k]) for k in ref)
         f = ck.state_dict(dequantize=True)["0._packed_params._packed_params"][0]
-        assert f.dtype == torch.float32 and torch.equal(f, ref["0._packed_params._packed_params"][0].dequantize())
+        want = ref["0._packed_params._packed_params"][0].dequantize()
+        assert f.dtype == torch.float32 and torch.equal(f, want)
     p = run_cli("inspect", str(path), check=True)
     assert "model: 46 parameters" in p.stdout, p.stdout  # 8*4+4 + 4*2+2, scale/zero_point apart
 
