@@ -59,7 +59,7 @@ def test_lenet5_into_lenet6_loads_the_first_four_layers():
     # The Parameter objects are the same ones (an optimizer built before stays valid).
     assert all(p is params_before[n] for n, p in dst.named_parameters())
     text = str(report)
-    assert "loaded 8 of 12 target tensors (0 adapted), 4 missing" in text
+    assert "loaded 8 of 12 target tensors, 90.9% of the elements (0 adapted), 4 missing" in text
     assert "2 of 10 source tensors unused" in text
     assert text.count("\nunused ") == 2 and text.count("\nmissing ") == 4
     assert not report.ok and report.applied
@@ -394,7 +394,9 @@ def test_report_to_dict_is_json():
     report = transfer(LeNet6(), LeNet5(), dry_run=True)
     d = json.loads(json.dumps(report.to_dict()))
     assert d["counts"] == {"target": 12, "source": 10, "loaded": 8, "adapted": 0,
-                           "missing": 4, "unused": 2}
+                           "missing": 4, "unused": 2, "ambiguous": 0,
+                           "target_elements": 66_946, "loaded_elements": 66_946 - 6_090,
+                           "source_elements": 61_706, "unused_elements": 850}
     assert d["methods"] == {"exact": 8}
     assert d["target_shapes"]["fc.7.weight"] == [10, 64]
     assert d["dry_run"] is True and d["ok"] is False

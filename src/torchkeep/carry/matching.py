@@ -1,10 +1,18 @@
-"""Structural matching: pair the modules of two models by registration order and shapes.
+"""Structural matching: pair the modules of two models by shapes, and by order where it is known.
 
 Used by :func:`torchkeep.transfer` for tensors whose names found no counterpart (a module
 renamed from ``conv`` to ``moon``). Modules are compared by their signature (leaf names and
-shapes); the two module sequences are aligned as a longest common subsequence, and only pairs
-that every optimal alignment contains are accepted. Everything here is polynomial: a
-bit-parallel LCS (O(n*m/wordsize)) plus one look-up per cell whose signatures agree.
+shapes).
+
+* Where both sides' order is known (a module, a torch pickle), the two module sequences are
+  aligned as a longest common subsequence and only pairs that every optimal alignment contains
+  are accepted (:func:`align`): a bit-parallel LCS (O(n*m/wordsize)) plus one look-up per cell
+  whose signatures agree. Pairs whose names contradict (``query`` against ``k_proj``) are
+  refused even then.
+* Where it is not (safetensors, sharded indexes, DCP), order says nothing, so
+  :func:`align_unordered` pairs modules of equal signature by the other evidence in their names
+  (:mod:`torchkeep.carry.nameevidence`): a pair is accepted only when each side is the other's single
+  best-supported candidate; equal support on two candidates is reported ambiguous.
 """
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from torchkeep.carry import nameevidence
 from torchkeep.read.keys import module_path
 
 Signature = tuple[tuple[str, tuple[int, ...]], ...]
@@ -36,8 +45,8 @@ class ModuleMatch:
 
     source: ModuleGroup
     target: ModuleGroup
-    rank: int           # position of this pair in the alignment, 1-based
-    of: int             # pairs in the optimal alignment
+    rank: int           # position of this pair in the alignment, 1-based (0: order unknown)
+    of: int             # pairs in the optimal alignment (candidates of its shape, order unknown)
 
     @property
     def tensors(self) -> dict[str, str]:
@@ -45,6 +54,9 @@ class ModuleMatch:
 
     @property
     def reason(self) -> str:
+        if not self.rank:
+            return (f"structure: module {self.source.label} -> {self.target.label} (best of "
+                    f"{self.of} of its shape by names and indices; source order unknown)")
         return (f"structure: module {self.source.label} -> {self.target.label} "
                 f"(pair {self.rank} of {self.of} aligned by order and shapes)")
 
@@ -55,6 +67,9 @@ class Alignment:
 
     matches: list[ModuleMatch] = field(default_factory=list)
     ambiguous: dict[str, list[str]] = field(default_factory=dict)  # source path -> target paths
+    contradicted: dict[str, tuple[str, str]] = field(default_factory=dict)  # source -> (target, why)
+    # source -> other sources that fit its one best target as well (order unknown)
+    rivals: dict[str, list[str]] = field(default_factory=dict)
 
 
 def group_modules(names: Sequence[str], shapes: Mapping[str, tuple[int, ...]]) -> list[ModuleGroup]:
@@ -146,4 +161,78 @@ def align(source: Sequence[ModuleGroup], target: Sequence[ModuleGroup]) -> Align
                 result.ambiguous.setdefault(source[i].path, []).append(target[j].path)
     matched = {m.source.path for m in result.matches}
     result.ambiguous = {k: sorted(set(v)) for k, v in result.ambiguous.items() if k not in matched}
+    return result
+
+
+def _features(groups: Sequence[ModuleGroup], all_paths: Sequence[str] | None) -> dict[str, nameevidence.Features]:
+    paths = [g.path for g in groups]
+    return nameevidence.features(paths, paths if all_paths is None else all_paths)
+
+
+def veto(result: Alignment, all_source: Sequence[str] | None = None,
+         all_target: Sequence[str] | None = None) -> Alignment:
+    """``result`` without the pairs whose names contradict each other (moved to ``contradicted``):
+    order alone never pairs ``query`` with ``k_proj`` or ``norm1`` with ``norm2``."""
+    fs = _features([m.source for m in result.matches], all_source)
+    ft = _features([m.target for m in result.matches], all_target)
+    kept = []
+    for m in result.matches:
+        why = nameevidence.contradiction(fs[m.source.path], ft[m.target.path])
+        if why is None:
+            kept.append(m)
+        else:
+            result.contradicted[m.source.path] = (m.target.path, why)
+    result.matches = kept
+    return result
+
+
+def align_unordered(source: Sequence[ModuleGroup], target: Sequence[ModuleGroup], *,
+                    all_source: Sequence[str] | None = None,
+                    all_target: Sequence[str] | None = None) -> Alignment:
+    """Pair modules of equal signature without using order.
+
+    Candidates are the target modules of the same signature whose names do not contradict the
+    source's; each candidate is scored by :func:`torchkeep.nameevidence.support`. A pair is
+    accepted when the target is the source's only best candidate and the source the target's;
+    a source whose best is shared is ambiguous. ``all_source``/``all_target``: every module
+    path of each model (for sibling counts), defaulting to the groups' own.
+    """
+    fs, ft = _features(source, all_source), _features(target, all_target)
+    by_sig: dict[Signature, list[ModuleGroup]] = {}
+    for g in target:
+        by_sig.setdefault(g.signature, []).append(g)
+    scores: dict[str, dict[str, int]] = {}
+    best_for_target: dict[str, tuple[int, list[str]]] = {}
+    contradicted: dict[str, tuple[str, str]] = {}
+    for g in source:
+        row: dict[str, int] = {}
+        for h in by_sig.get(g.signature, ()):
+            why = nameevidence.contradiction(fs[g.path], ft[h.path])
+            if why is not None:
+                contradicted.setdefault(g.path, (h.path, why))
+                continue
+            sc = nameevidence.support(fs[g.path], ft[h.path])
+            row[h.path] = sc
+            top, who = best_for_target.get(h.path, (-1, []))
+            if sc > top:
+                best_for_target[h.path] = (sc, [g.path])
+            elif sc == top:
+                who.append(g.path)
+        scores[g.path] = row
+    result = Alignment()
+    tgt_by_path = {h.path: h for h in target}
+    for g in source:
+        row = scores[g.path]
+        if not row:
+            if g.path in contradicted and len(by_sig.get(g.signature, ())) == 1:
+                result.contradicted[g.path] = contradicted[g.path]
+            continue
+        top = max(row.values())
+        best = [t for t, sc in row.items() if sc == top]
+        if len(best) == 1 and best_for_target[best[0]][1] == [g.path]:
+            result.matches.append(ModuleMatch(g, tgt_by_path[best[0]], 0, len(by_sig[g.signature])))
+        else:
+            result.ambiguous[g.path] = sorted(best)
+            if len(best) == 1:  # the target fits another source at least as well
+                result.rivals[g.path] = sorted(p for p in best_for_target[best[0]][1] if p != g.path)
     return result

@@ -36,6 +36,7 @@ __all__ = ["MATCH_MODES", "METHODS", "RulesLike", "TransferReport", "module_role
 log = logging.getLogger(__name__)
 
 MATCH_MODES = ("auto", "name", "exact", "structure")
+ORDER_MODES = ("auto", "known", "unknown")
 
 RulesLike = Iterable[tuple[str, str] | str] | Mapping[str, str] | None
 
@@ -59,6 +60,9 @@ class _Source:
     # identity (tied names share one), both only where the source has them.
     tree: Callable[[], Any] | None = None
     storage: dict[str, Any] = field(default_factory=dict)
+    # Whether the names come in the writer's registration order (torch pickles, modules), so
+    # that order is evidence for structural matching; False for sorted or unordered formats.
+    ordered: bool = True
 
 
 @dataclass
@@ -66,6 +70,7 @@ class _Target:
     label: str
     tensors: dict[str, torch.Tensor]
     roles: dict[str, str]
+    ordered: bool = True
 
     @property
     def specs(self) -> dict[str, _Spec]:
@@ -137,6 +142,14 @@ def _is_sorted(names: Sequence[str]) -> bool:
     return all(a <= b for a, b in zip(names, names[1:]))
 
 
+def _looks_sorted(names: Sequence[str]) -> bool:
+    """Sorted as text or naturally ('layer.2' before 'layer.10'): an order that is no evidence."""
+    if len(names) < 3:
+        return False
+    keyed = [keys.natural_key(n) for n in names]
+    return _is_sorted(names) or all(a <= b for a, b in zip(keyed, keyed[1:]))
+
+
 def _tensor_items(mapping: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return {str(k): v for k, v in mapping.items() if isinstance(v, torch.Tensor)}
 
@@ -178,8 +191,9 @@ def _from_mapping(state: Mapping[str, Any], label: str, roles: dict[str, str] | 
             storage[k] = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
         except (RuntimeError, NotImplementedError):  # meta or exotic tensors: no identity
             pass
+    # A mapping keeps the order it was built in; sorted names (safetensors' load_file) say nothing.
     return _Source(label, specs, roles, lambda names: {n: clean[n] for n in names}, stripped,
-                   storage=storage)
+                   storage=storage, ordered=not _looks_sorted(list(clean)))
 
 
 def _role_order(names: list[str]) -> list[str]:
@@ -199,8 +213,9 @@ def _from_checkpoint(ckpt: Any, label: str, owned: bool) -> _Source:
         return ckpt.read({n: refs[n] for n in names}, "cpu")
 
     storage = {k: (r.storage, r.offset, tuple(r.shape)) for k, r in refs.items() if r.storage is not None}
+    ordered = bool(getattr(ckpt, "order_known", False)) and not _looks_sorted(list(specs))
     return _Source(label, specs, roles, read, stripped, ckpt.close if owned else (lambda: None),
-                   tree=lambda: ckpt.tree, storage=storage)
+                   tree=lambda: ckpt.tree, storage=storage, ordered=ordered)
 
 
 def _resolve_source(source: Any) -> _Source:
@@ -231,7 +246,7 @@ def _resolve_target(model: Any) -> _Target:
     if isinstance(model, MutableMapping):
         tensors = _tensor_items(model)
         roles = order_roles(list(tensors), {k: tuple(v.shape) for k, v in tensors.items()})
-        return _Target("state dict", tensors, roles)
+        return _Target("state dict", tensors, roles, ordered=not _looks_sorted(list(tensors)))
     raise TransferError(f"cannot transfer into a {type(model).__name__}",
                         hint="pass an nn.Module or a mutable mapping of names to tensors")
 
@@ -369,29 +384,41 @@ class _Planner:
                 self.hints.setdefault(s, f"prefix '{p}' -> '{q}' pairs it with {t}, but {why}")
 
     # c: structure
-    def by_structure(self) -> None:
+    def by_structure(self, ordered: bool) -> None:
         src_names = [s for s in self.S if s not in self.claimed_src]
         tgt_names = [t for t in self.T if t not in self.claimed_tgt]
         if not src_names or not tgt_names:
             return
-        if _is_sorted(list(self.S)):
-            # The source's order says nothing (safetensors sorts its keys): compare both sides in
-            # natural order so 'layer.10' follows 'layer.9' on each.
-            src_names.sort(key=keys.natural_key)
-            tgt_names.sort(key=keys.natural_key)
         gs = matching.group_modules(src_names, {s: self.S[s].shape for s in src_names})
         gt = matching.group_modules(tgt_names, {t: self.T[t].shape for t in tgt_names})
-        result = matching.align(gs, gt)
+        all_s = list(dict.fromkeys(keys.module_path(s) for s in self.S))
+        all_t = list(dict.fromkeys(keys.module_path(t) for t in self.T))
+        if ordered:
+            result = matching.veto(matching.align(gs, gt), all_s, all_t)
+            how = "by order and shape"
+        else:
+            result = matching.align_unordered(gs, gt, all_source=all_s, all_target=all_t)
+            how = "by shape, names and indices (source order unknown)"
         for m in result.matches:
             for s, t in m.tensors.items():
                 self.pair(s, t, m.reason)
         by_path = {g.path: g for g in gs}
         for path, targets in result.ambiguous.items():
             shown = ", ".join(p or "<root>" for p in targets[:4]) + (", ..." if len(targets) > 4 else "")
+            rivals = result.rivals.get(path)
+            if rivals:
+                why = (f"ambiguous: module {path or '<root>'} fits {shown} best, which fits "
+                       f"{', '.join(rivals[:3])} at least as well {how}")
+            else:
+                why = f"ambiguous: module {path or '<root>'} fits {len(targets)} target modules equally {how} ({shown})"
             for s in by_path[path].tensors.values():
                 self.claimed_src.add(s)
-                self.unused[s] = (f"ambiguous: module {path or '<root>'} fits {len(targets)} target "
-                                  f"modules equally by order and shape ({shown})")
+                self.unused[s] = why
+        for path, (target, why) in result.contradicted.items():
+            for s in by_path[path].tensors.values():
+                if s not in self.claimed_src:
+                    self.hints.setdefault(s, f"structure pairs it with module {target or '<root>'} "
+                                             f"by shape, but {why}")
 
     def finish(self) -> _Plan:
         # Tied target tensors (one storage under two names) that were loaded under one name.
@@ -429,9 +456,12 @@ class _Planner:
         return _Plan(report, dict(self.actions))
 
 
-def _plan(src: _Source, tgt: _Target, rules: RulesLike, match: str, enabled: frozenset[str]) -> _Plan:
+def _plan(src: _Source, tgt: _Target, rules: RulesLike, match: str, enabled: frozenset[str],
+          order: str = "auto") -> _Plan:
     if match not in MATCH_MODES:
         raise ValueError(f"match={match!r}: expected one of {', '.join(MATCH_MODES)}")
+    if order not in ORDER_MODES:
+        raise ValueError(f"order={order!r}: expected one of {', '.join(ORDER_MODES)}")
     if isinstance(rules, Mapping):
         rules = list(rules.items())
     elif isinstance(rules, str) or (isinstance(rules, tuple) and len(rules) == 2
@@ -442,11 +472,29 @@ def _plan(src: _Source, tgt: _Target, rules: RulesLike, match: str, enabled: fro
     if match != "structure":
         p.by_name(compiled, prefix=match in ("auto", "name"))
     if match in ("auto", "structure"):
-        p.by_structure()
+        ordered = order == "known" or (order == "auto" and src.ordered and tgt.ordered)
+        p.by_structure(ordered)
     return p.finish()
 
 
 # ---------------------------------------------------------------------------------- apply
+def _speak_up(report: TransferReport, allow_empty: bool) -> None:
+    """Warn when part of the target keeps its init; refuse a transfer that loads nothing."""
+    if not report.loaded and report.target_shapes and not allow_empty and not report.dry_run:
+        c = report.counts
+        err = TransferError(
+            f"transfer {report.source} -> {report.target} loaded nothing: none of the "
+            f"{c['target']} target tensors found a counterpart among the {c['source']} source "
+            f"tensors ({c['ambiguous']} ambiguous); nothing was changed",
+            hint="run it with dry_run=True (CLI: without --out) to see every tensor's fate, add "
+                 "rename rules, or pass allow_empty=True (CLI: --allow-empty) to accept it")
+        err.report = report  # type: ignore[attr-defined]
+        raise err
+    text = report.warning()
+    if text:
+        log.warning("%s", text)
+
+
 def _materialize(plan: _Plan, src: _Source, tgt: _Target) -> dict[str, torch.Tensor]:
     """The value each planned target tensor gets, without touching the target: the source tensor
     itself for a plain copy, a new tensor for an adapted one."""
@@ -507,8 +555,9 @@ def _plan_ema(ema: Any, src: _Source, plan: _Plan) -> Any:
 
 def transfer(model: nn.Module | MutableMapping[str, torch.Tensor], source: Any, *,
              rules: RulesLike = None, match: str = "auto", adapt: bool | Iterable[str] = True,
-             strict: bool = False, dry_run: bool = False, optimizer: Any = None,
-             ema: Any = None, reshaped: str = "adapt") -> TransferReport:
+             strict: bool = False, dry_run: bool = False, allow_empty: bool = False,
+             order: str = "auto", optimizer: Any = None, ema: Any = None,
+             reshaped: str = "adapt") -> TransferReport:
     """Copy the tensors of ``source`` that fit into ``model``, and report every tensor's fate.
 
     ``source``: a checkpoint path, a :class:`~torchkeep.Checkpoint`, an ``nn.Module`` or a
@@ -523,6 +572,16 @@ def transfer(model: nn.Module | MutableMapping[str, torch.Tensor], source: Any, 
     missing and unused tensor before anything is read or changed. ``dry_run``: plan and report,
     change nothing.
 
+    Loud by default: when a target tensor keeps its init, or more than
+    :data:`~torchkeep.transferreport.UNUSED_WARN_SHARE` of the source's elements go unused, a
+    WARNING gives the summary and the largest tensors left at init; when nothing at all would
+    load, :class:`TransferError` is raised (``err.report`` holds the plan) unless
+    ``allow_empty=True`` (a dry run only warns). ``order``: whether the source's name order is
+    evidence for structural matching: ``'auto'`` (yes for torch pickles, torchkeep folders,
+    modules and unsorted mappings; no for safetensors, sharded indexes, DCP and sorted names),
+    ``'known'`` or ``'unknown'``. Without it, modules are paired only where shapes, name tokens and
+    indices single one out; anything else is reported ambiguous, never guessed.
+
     ``optimizer``: an optimizer over ``model``'s parameters that receives the optimizer state
     saved with the source, by parameter name through the same plan (see :mod:`torchkeep.carry.migration.optimizer`;
     ``reshaped='adapt'`` adapts the state of a reshaped parameter like its weight, ``'reset'``
@@ -534,7 +593,7 @@ def transfer(model: nn.Module | MutableMapping[str, torch.Tensor], source: Any, 
     tgt = _resolve_target(model)
     src = _resolve_source(source)
     try:
-        plan = _plan(src, tgt, rules, match, enabled)
+        plan = _plan(src, tgt, rules, match, enabled, order)
         report = plan.report
         report.dry_run = dry_run
         if strict and not report.ok:
@@ -546,6 +605,7 @@ def transfer(model: nn.Module | MutableMapping[str, torch.Tensor], source: Any, 
                 hint="pass strict=False to load what fits, or add rename rules")
             err.report = report  # type: ignore[attr-defined]
             raise err
+        _speak_up(report, allow_empty)
         # The optimizer state and the EMA copy are planned (and read) before anything changes.
         opt_plan = ema_plan = None
         if optimizer is not None:

@@ -3,17 +3,39 @@ with its counts and its text and JSON renderings, kept apart from the planning a
 :mod:`torchkeep.transfer` so the CLI and the migration reports read it without them."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-__all__ = ["METHODS", "TransferReport"]
+__all__ = ["METHODS", "UNUSED_WARN_SHARE", "TransferReport"]
 
 # How a loaded tensor was paired, the first word of its reason.
-METHODS = ("exact", "rule", "prefix", "structure", "tied")
+METHODS = ("exact", "library", "rule", "prefix", "structure", "tied")
+
+# transfer() warns when more than this share of the source's elements goes unused.
+UNUSED_WARN_SHARE = 0.05
 
 
 def _shape_str(shape: Sequence[int] | None) -> str:
     return "-" if shape is None else "[" + ", ".join(str(int(s)) for s in shape) + "]"
+
+
+def _numel(shape: Sequence[int] | None) -> int:
+    return math.prod(int(s) for s in shape) if shape is not None else 0
+
+
+def percent(part: int, whole: int) -> str:
+    """``part`` of ``whole`` as a percentage that never rounds a partial share to 0% or 100%."""
+    if whole <= 0 or part >= whole:
+        return "100%"
+    if part <= 0:
+        return "0%"
+    p = 100.0 * part / whole
+    if p < 0.1:
+        return "<0.1%"
+    if p > 99.9:
+        return ">99.9%"
+    return f"{p:.1f}%"
 
 
 @dataclass
@@ -44,6 +66,8 @@ class TransferReport:
     # (torchkeep.carry.migration.optimizer.OptimizerReport); with ema=: the EMA copy's own TransferReport.
     optimizer: Any = field(default=None, repr=False)
     ema: Any = field(default=None, repr=False)
+    # What the plan did beyond pairing names: a library's key mapping applied, adapters used.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -58,10 +82,46 @@ class TransferReport:
         return {m: n for m, n in out.items() if n}
 
     @property
+    def ambiguous(self) -> dict[str, str]:
+        """Unused source tensors that fit more than one target equally (none was guessed)."""
+        return {s: why for s, why in self.unused.items() if why.startswith("ambiguous")}
+
+    @property
     def counts(self) -> dict[str, int]:
+        """Tensor counts, and element counts (``*_elements``) of the target and what it got."""
         return {"target": len(self.target_shapes), "source": len(self.source_shapes),
                 "loaded": len(self.loaded), "adapted": len(self.adapted),
-                "missing": len(self.missing), "unused": len(self.unused)}
+                "missing": len(self.missing), "unused": len(self.unused),
+                "ambiguous": len(self.ambiguous),
+                "target_elements": sum(_numel(s) for s in self.target_shapes.values()),
+                "loaded_elements": sum(_numel(self.target_shapes.get(t)) for t in self.loaded),
+                "source_elements": sum(_numel(s) for s in self.source_shapes.values()),
+                "unused_elements": sum(_numel(self.source_shapes.get(s)) for s in self.unused)}
+
+    def largest_missing(self, n: int = 5) -> list[tuple[str, int]]:
+        """The ``n`` missing target tensors with the most elements, largest first."""
+        sizes = [(t, _numel(self.target_shapes.get(t))) for t in self.missing]
+        return sorted(sizes, key=lambda x: -x[1])[:n]
+
+    def warning(self) -> str | None:
+        """What :func:`transfer` logs as a WARNING: the headline and the largest missing tensors,
+        when any target tensor kept its init or more than UNUSED_WARN_SHARE of the source's
+        elements went unused; else None."""
+        c = self.counts
+        unused_share = c["unused_elements"] / c["source_elements"] if c["source_elements"] else 0.0
+        if not self.missing and unused_share <= UNUSED_WARN_SHARE:
+            return None
+        parts = [self.headline()]
+        if self.missing:
+            parts.append("largest kept at init: " + ", ".join(
+                f"{t} {_shape_str(self.target_shapes.get(t))} ({k:,} elements)"
+                for t, k in self.largest_missing()))
+        if unused_share > UNUSED_WARN_SHARE:
+            big = sorted(self.unused, key=lambda s: -_numel(self.source_shapes.get(s)))[:3]
+            parts.append(f"{percent(c['unused_elements'], c['source_elements'])} of the source's "
+                         "elements unused, largest: " + ", ".join(
+                             f"{s} ({self.unused[s]})" for s in big))
+        return "; ".join(parts)
 
     def rows(self) -> list[tuple[str, str, str, str, str]]:
         """Table rows ``(fate, target, shape, source, detail)``: every target tensor in the
@@ -84,10 +144,13 @@ class TransferReport:
 
     def headline(self) -> str:
         c = self.counts
+        share = percent(c["loaded_elements"], c["target_elements"])
         head = (f"transfer {self.source or 'source'} -> {self.target or 'target'}: "
-                f"loaded {c['loaded']} of {c['target']} target tensors ({c['adapted']} adapted), "
-                f"{c['missing']} missing (kept their init), "
+                f"loaded {c['loaded']} of {c['target']} target tensors, {share} of the elements "
+                f"({c['adapted']} adapted), {c['missing']} missing (kept their init), "
                 f"{c['unused']} of {c['source']} source tensors unused")
+        if c["ambiguous"]:
+            head += f" ({c['ambiguous']} ambiguous, not guessed)"
         if self.dry_run:
             head += " [dry run: nothing changed]"
         return head
@@ -109,6 +172,7 @@ class TransferReport:
             parts.append("matched by: " + ", ".join(f"{m} {n}" for m, n in methods.items()))
         if self.stripped:
             parts.append("source prefixes stripped: " + ", ".join(self.stripped))
+        parts += self.notes
         parts.append("")
         parts.append(self.table())
         if self.optimizer is not None:
@@ -122,7 +186,7 @@ class TransferReport:
         return {
             "source": self.source, "target": self.target, "dry_run": self.dry_run,
             "applied": self.applied, "ok": self.ok, "counts": self.counts,
-            "methods": self.methods(), "stripped": list(self.stripped),
+            "methods": self.methods(), "stripped": list(self.stripped), "notes": list(self.notes),
             "loaded": dict(self.loaded), "adapted": dict(self.adapted),
             "reasons": dict(self.reasons), "missing": list(self.missing),
             "why_missing": dict(self.why_missing), "unused": dict(self.unused),

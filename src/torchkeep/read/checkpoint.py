@@ -215,6 +215,12 @@ class Checkpoint:
         return self._find_state()[0]
 
     @property
+    def order_known(self) -> bool:
+        """Whether the weights' names come in the order the writer registered them (torch
+        pickles, torchkeep folders): only then is their order evidence for structural matching."""
+        return bool(getattr(self.reader, "keeps_order", False))
+
+    @property
     def prefixes(self) -> list[str]:
         """Wrapper prefixes stripped from the weights' names (``module.``, ``_orig_mod.``, ...)."""
         return list(self._find_state()[2])

@@ -57,6 +57,9 @@ class Reader(abc.ABC):
 
     format: ClassVar[str]
     description: ClassVar[str] = ""
+    # Whether the stored names keep the writer's order (a pickle keeps a state dict's
+    # registration order; safetensors sorts its keys, sharded indexes and DCP keep none).
+    keeps_order: ClassVar[bool] = False
 
     def __init__(self, path: str | os.PathLike, *, trust: bool = False) -> None:
         self.path = os.fspath(path)
@@ -99,6 +102,7 @@ class MemoryReader(Reader):
     """Refs to tensors already in memory (rebuilt from a pickle, or handed in by a caller)."""
 
     format = "memory"
+    keeps_order = True
 
     def __init__(self) -> None:
         super().__init__("<memory>")

@@ -70,6 +70,7 @@ class BlobReader(Reader):
     """One torch.save archive written into a range of a larger file (a DCP chunk or item)."""
 
     format = "torch-zip-blob"
+    keeps_order = True
 
     def __init__(self, path: str, start: int, length: int, *, what: str) -> None:
         super().__init__(path)

@@ -351,6 +351,7 @@ class NativeReader(Reader):
     """A torchkeep checkpoint folder (or a manager's folder: its newest committed checkpoint)."""
 
     format = "torchkeep"
+    keeps_order = True
     description = "torchkeep training state (manifest.json, safetensors, commit.json)"
     kind = "training-state"
 

@@ -39,6 +39,7 @@ def _pickle_end(data: bytes, start: int) -> int:
 
 class LegacyReader(Reader):
     format = "torch-legacy"
+    keeps_order = True
     description = "legacy torch.save file (non-zip) or plain pickle"
 
     def __init__(self, path: str, *, trust: bool = False) -> None:

@@ -60,6 +60,7 @@ def materialize(buf: torch.Tensor, ref: TensorRef, *, path: str, name: str) -> t
 
 class TorchZipReader(Reader):
     format = "torch-zip"
+    keeps_order = True
     description = "torch.save zip archive"
 
     def __init__(self, path: str, *, trust: bool = False) -> None:

@@ -1,0 +1,143 @@
+"""What tensor names say about which module is which, apart from their order.
+
+Structural matching uses this where the source's order is no evidence (safetensors, sharded
+indexes and DCP store keys sorted or unordered). Three kinds of evidence, all from names alone:
+
+* **name tokens**, canonicalised through a small vocabulary of common spellings
+  (``query``/``q``/``q_proj``/``wq`` -> ``q``; ``attention.output`` / ``out_proj`` / ``o_proj``
+  -> ``o``; ``ln``/``bn``/``layernorm``/``norm`` -> ``norm``; ``layernorm_before``/``ln_1``/
+  ``norm1``/``input_layernorm`` -> first norm ...);
+* **contradictions**: two names that carry different attention roles (``q`` vs ``k``) or
+  different ordinals of the same stem (``norm1`` vs ``norm2``, ``conv1`` vs ``conv2``) are
+  never paired;
+* **indices**: each pure-number segment (``layer.3``) as its rank among its siblings and the
+  number of siblings (the module tree's shape). Levels of equal sibling count are compared from
+  the innermost out; differing ranks there contradict, equal ranks support.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+__all__ = ["Features", "contradiction", "features", "support"]
+
+_WORD = re.compile(r"[a-z]+|\d+")
+
+ROLES = frozenset({"q", "k", "v", "o"})
+
+# Whole segments with a fixed meaning (after lower-casing and 'layer_norm' -> 'layernorm').
+_SEGMENTS: dict[str, tuple[str, ...]] = {
+    **{s: ("q",) for s in ("query", "q", "q_proj", "wq", "to_q", "q_lin", "query_proj")},
+    **{s: ("k",) for s in ("key", "k", "k_proj", "wk", "to_k", "k_lin", "key_proj")},
+    **{s: ("v",) for s in ("value", "v", "v_proj", "wv", "to_v", "v_lin", "value_proj")},
+    **{s: ("o",) for s in ("o", "o_proj", "out_proj", "wo", "to_out", "out_lin", "output_proj")},
+    **{s: ("norm", "norm#1") for s in ("layernorm_before", "input_layernorm", "pre_layernorm",
+                                       "attention_norm", "ln_attn")},
+    **{s: ("norm", "norm#2") for s in ("layernorm_after", "post_attention_layernorm",
+                                       "ffn_norm", "ln_mlp")},
+    **{s: ("norm", "final") for s in ("ln_f", "final_layernorm", "norm_f", "final_norm")},
+}
+
+# Single words with common synonyms.
+_WORDS: dict[str, str] = {
+    "layernorm": "norm", "ln": "norm", "bn": "norm", "batchnorm": "norm", "gn": "norm",
+    "layers": "layer", "blocks": "block", "attn": "attention", "ffn": "mlp", "feedforward": "mlp",
+    "dense": "fc", "linear": "fc", "lin": "fc", "convolution": "conv", "embeddings": "embedding",
+    "embed": "embedding", "emb": "embedding", "stages": "stage", "heads": "head",
+}
+
+# Inside an attention module these segments are its output projection.
+_ATTENTION_OUT = frozenset({"output", "out", "proj", "c_proj"})
+_ATTENTION = frozenset({"attention"})
+
+
+@dataclass(frozen=True)
+class Features:
+    """The evidence one module path carries (see the module docstring)."""
+
+    tokens: frozenset[str]
+    roles: frozenset[str]
+    ordinals: tuple[tuple[str, str], ...]      # (stem, ordinal), e.g. ('norm', '1')
+    levels: tuple[tuple[int, int], ...]         # (rank among siblings, number of siblings)
+
+
+def _segment_tokens(seg: str, in_attention: bool) -> list[str]:
+    s = seg.lower().replace("layer_norm", "layernorm").replace("feed_forward", "feedforward")
+    if in_attention and s in _ATTENTION_OUT:
+        return ["o"]
+    if s in _SEGMENTS:
+        return list(_SEGMENTS[s])
+    out: list[str] = []
+    stem = None
+    for w in _WORD.findall(s):
+        if w.isdigit():
+            if stem is not None:
+                out.append(f"{stem}#{int(w)}")
+            continue
+        stem = _WORDS.get(w, w)
+        out.append(stem)
+    return out
+
+
+def _sibling_index(paths: Iterable[str]) -> dict[str, list[int]]:
+    """parent prefix -> sorted numeric child segments, over every module path given."""
+    kids: dict[str, set[int]] = {}
+    for p in paths:
+        segs = p.split(".") if p else []
+        for i, seg in enumerate(segs):
+            if seg.isdigit():
+                kids.setdefault(".".join(segs[:i]), set()).add(int(seg))
+    return {k: sorted(v) for k, v in kids.items()}
+
+
+def features(paths: Sequence[str], all_paths: Iterable[str]) -> dict[str, Features]:
+    """Evidence for each module path in ``paths``; sibling counts come from ``all_paths`` (every
+    module of the same model, matched or not, so ranks do not shift as names are claimed)."""
+    siblings = _sibling_index(all_paths)
+    out: dict[str, Features] = {}
+    for path in paths:
+        segs = path.split(".") if path else []
+        tokens: list[str] = []
+        levels = []
+        for i, seg in enumerate(segs):
+            if seg.isdigit():
+                sib = siblings.get(".".join(segs[:i]), [int(seg)])
+                levels.append((sib.index(int(seg)) if int(seg) in sib else 0, len(sib)))
+                continue
+            tokens += _segment_tokens(seg, bool(_ATTENTION & set(tokens)))
+        toks = frozenset(tokens)
+        ords = tuple(sorted(tuple(t.split("#", 1)) for t in toks if "#" in t))  # type: ignore[misc]
+        out[path] = Features(toks, toks & ROLES, ords, tuple(levels))
+    return out
+
+
+def _levels_by_count(levels: tuple[tuple[int, int], ...]) -> dict[int, list[int]]:
+    by: dict[int, list[int]] = {}
+    for rank, n in reversed(levels):  # innermost first
+        by.setdefault(n, []).append(rank)
+    return by
+
+
+def contradiction(a: Features, b: Features) -> str | None:
+    """Why two modules cannot be counterparts by their names alone, or None."""
+    if a.roles and b.roles and a.roles != b.roles:
+        return f"names say {'/'.join(sorted(a.roles))} vs {'/'.join(sorted(b.roles))}"
+    ao, bo = dict(a.ordinals), dict(b.ordinals)
+    for stem in ao.keys() & bo.keys():
+        if len([o for s, o in a.ordinals if s == stem]) == 1 == len([o for s, o in b.ordinals if s == stem]) \
+                and ao[stem] != bo[stem]:
+            return f"names say {stem}{ao[stem]} vs {stem}{bo[stem]}"
+    la, lb = _levels_by_count(a.levels), _levels_by_count(b.levels)
+    for n in la.keys() & lb.keys():
+        for ra, rb in zip(la[n], lb[n]):
+            if ra != rb:
+                return f"indices differ (position {ra} vs {rb} of {n})"
+    return None
+
+
+def support(a: Features, b: Features) -> int:
+    """How much the names agree: shared canonical tokens plus index levels that agree."""
+    la, lb = _levels_by_count(a.levels), _levels_by_count(b.levels)
+    agree = sum(min(len(la[n]), len(lb[n])) for n in la.keys() & lb.keys())
+    return len(a.tokens & b.tokens) + agree
