@@ -192,47 +192,66 @@ def align_unordered(source: Sequence[ModuleGroup], target: Sequence[ModuleGroup]
     """Pair modules of equal signature without using order.
 
     Candidates are the target modules of the same signature whose names do not contradict the
-    source's; each candidate is scored by :func:`torchkeep.nameevidence.support`. A pair is
-    accepted when the target is the source's only best candidate and the source the target's;
-    a source whose best is shared is ambiguous. ``all_source``/``all_target``: every module
-    path of each model (for sibling counts), defaulting to the groups' own.
+    source's; each is scored by :func:`torchkeep.nameevidence.support`. A pair is accepted when
+    the target is the source's only best candidate and the source the target's. Accepted pairs
+    leave the field and the rest is scored again (a module whose best fits were taken by
+    better-fitting ones is then judged among what is left) until nothing changes; a source
+    whose best is still shared is ambiguous. ``all_source``/``all_target``: every module path
+    of each model (for sibling counts), defaulting to the groups' own.
     """
     fs, ft = _features(source, all_source), _features(target, all_target)
     by_sig: dict[Signature, list[ModuleGroup]] = {}
-    for g in target:
-        by_sig.setdefault(g.signature, []).append(g)
+    for h in target:
+        by_sig.setdefault(h.signature, []).append(h)
+    result = Alignment()
     scores: dict[str, dict[str, int]] = {}
-    best_for_target: dict[str, tuple[int, list[str]]] = {}
-    contradicted: dict[str, tuple[str, str]] = {}
     for g in source:
         row: dict[str, int] = {}
         for h in by_sig.get(g.signature, ()):
             why = nameevidence.contradiction(fs[g.path], ft[h.path])
-            if why is not None:
-                contradicted.setdefault(g.path, (h.path, why))
-                continue
-            sc = nameevidence.support(fs[g.path], ft[h.path])
-            row[h.path] = sc
-            top, who = best_for_target.get(h.path, (-1, []))
-            if sc > top:
-                best_for_target[h.path] = (sc, [g.path])
-            elif sc == top:
-                who.append(g.path)
+            if why is None:
+                row[h.path] = nameevidence.support(fs[g.path], ft[h.path])
+            elif len(by_sig[g.signature]) == 1:
+                result.contradicted[g.path] = (h.path, why)
         scores[g.path] = row
-    result = Alignment()
+    src_by_path = {g.path: g for g in source}
     tgt_by_path = {h.path: h for h in target}
-    for g in source:
-        row = scores[g.path]
+    open_src = [g.path for g in source if scores[g.path]]
+    taken: set[str] = set()
+    while True:
+        best_src, best_tgt = _best(open_src, scores, taken)
+        accepted = [(s, ts[0]) for s, ts in best_src.items()
+                    if len(ts) == 1 and best_tgt[ts[0]] == [s]]
+        if not accepted:
+            break
+        for s, t in accepted:
+            n = len(by_sig[src_by_path[s].signature])
+            result.matches.append(ModuleMatch(src_by_path[s], tgt_by_path[t], 0, n))
+            taken.add(t)
+        done = {s for s, _ in accepted}
+        open_src = [s for s in open_src if s not in done]
+    for s, ts in best_src.items():
+        result.ambiguous[s] = sorted(ts)
+        if len(ts) == 1:  # the target fits another source at least as well
+            result.rivals[s] = sorted(p for p in best_tgt[ts[0]] if p != s)
+    return result
+
+
+def _best(open_src: list[str], scores: dict[str, dict[str, int]], taken: set[str]
+          ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Each open source's best free targets, and each free target's best open sources."""
+    best_src: dict[str, list[str]] = {}
+    top_tgt: dict[str, tuple[int, list[str]]] = {}
+    for s in open_src:
+        row = {t: sc for t, sc in scores[s].items() if t not in taken}
         if not row:
-            if g.path in contradicted and len(by_sig.get(g.signature, ())) == 1:
-                result.contradicted[g.path] = contradicted[g.path]
             continue
         top = max(row.values())
-        best = [t for t, sc in row.items() if sc == top]
-        if len(best) == 1 and best_for_target[best[0]][1] == [g.path]:
-            result.matches.append(ModuleMatch(g, tgt_by_path[best[0]], 0, len(by_sig[g.signature])))
-        else:
-            result.ambiguous[g.path] = sorted(best)
-            if len(best) == 1:  # the target fits another source at least as well
-                result.rivals[g.path] = sorted(p for p in best_for_target[best[0]][1] if p != g.path)
-    return result
+        best_src[s] = [t for t, sc in row.items() if sc == top]
+        for t, sc in row.items():
+            cur, who = top_tgt.get(t, (-1, []))
+            if sc > cur:
+                top_tgt[t] = (sc, [s])
+            elif sc == cur:
+                who.append(s)
+    return best_src, {t: who for t, (_, who) in top_tgt.items()}

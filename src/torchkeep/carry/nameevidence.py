@@ -119,6 +119,12 @@ def _levels_by_count(levels: tuple[tuple[int, int], ...]) -> dict[int, list[int]
     return by
 
 
+def _comparable(la: dict[int, list[int]], lb: dict[int, list[int]]) -> list[int]:
+    """Sibling counts whose levels correspond one to one on both sides (the same number of
+    levels of that count); where they do not, which level is which is unknown: no evidence."""
+    return [n for n in la.keys() & lb.keys() if len(la[n]) == len(lb[n])]
+
+
 def contradiction(a: Features, b: Features) -> str | None:
     """Why two modules cannot be counterparts by their names alone, or None."""
     if a.roles and b.roles and a.roles != b.roles:
@@ -129,7 +135,7 @@ def contradiction(a: Features, b: Features) -> str | None:
                 and ao[stem] != bo[stem]:
             return f"names say {stem}{ao[stem]} vs {stem}{bo[stem]}"
     la, lb = _levels_by_count(a.levels), _levels_by_count(b.levels)
-    for n in la.keys() & lb.keys():
+    for n in _comparable(la, lb):
         for ra, rb in zip(la[n], lb[n]):
             if ra != rb:
                 return f"indices differ (position {ra} vs {rb} of {n})"
@@ -139,5 +145,5 @@ def contradiction(a: Features, b: Features) -> str | None:
 def support(a: Features, b: Features) -> int:
     """How much the names agree: shared canonical tokens plus index levels that agree."""
     la, lb = _levels_by_count(a.levels), _levels_by_count(b.levels)
-    agree = sum(min(len(la[n]), len(lb[n])) for n in la.keys() & lb.keys())
+    agree = sum(len(la[n]) for n in _comparable(la, lb))
     return len(a.tokens & b.tokens) + agree
