@@ -71,6 +71,7 @@ class _Target:
     tensors: dict[str, torch.Tensor]
     roles: dict[str, str]
     ordered: bool = True
+    module: Any = None   # the nn.Module itself, where the target is one (for its library's key mapping)
 
     @property
     def specs(self) -> dict[str, _Spec]:
@@ -242,7 +243,7 @@ def _resolve_target(model: Any) -> _Target:
         if len(tensors) < len(_tensor_items(sd)):
             log.warning("%s has uninitialized lazy parameters; they are left out of the transfer "
                         "(run one forward pass first)", type(model).__name__)
-        return _Target(type(model).__name__, tensors, module_roles(model))
+        return _Target(type(model).__name__, tensors, module_roles(model), module=model)
     if isinstance(model, MutableMapping):
         tensors = _tensor_items(model)
         roles = order_roles(list(tensors), {k: tuple(v.shape) for k, v in tensors.items()})
@@ -275,8 +276,10 @@ class _Plan:
 
 
 class _Planner:
-    def __init__(self, src: _Source, tgt: _Target, enabled: frozenset[str]) -> None:
+    def __init__(self, src: _Source, tgt: _Target, enabled: frozenset[str],
+                 renames: Mapping[str, str] | None = None) -> None:
         self.src, self.tgt, self.enabled = src, tgt, enabled
+        self.renames = dict(renames or {})   # source -> name its target's library gives it
         self.S = src.specs
         self.T = tgt.specs
         self.claimed_src: set[str] = set()
@@ -328,7 +331,9 @@ class _Planner:
         cand: dict[str, str] = {}
         by_rule: dict[str, list[str]] = {}
         for s in self.S:
-            new = s
+            new = self.renames.get(s, s)
+            if new != s:
+                by_rule[s] = []
             for pat, repl in rules:
                 nxt = pat.sub(repl, new)
                 if nxt != new:
@@ -341,20 +346,20 @@ class _Planner:
         seen: dict[str, str] = {}
         for s, used in by_rule.items():
             c = cand[s]
-            shown = ", ".join(f"'{p}'" for p in used)
+            by = "rule " + ", ".join(f"'{p}'" for p in used) if used else "the library key mapping"
             if c in seen:
                 self.claimed_src.add(s)
-                self.unused[s] = f"rule {shown} renamed it to {c!r}, as it did {seen[c]!r}"
+                self.unused[s] = f"{by} renamed it to {c!r}, as it did {seen[c]!r}"
                 continue
             seen[c] = s
             if c in self.T and c not in self.claimed_tgt:
-                self.pair(s, c, f"rule {shown}: {s} -> {c}")
+                self.pair(s, c, f"{by}: {s} -> {c}" if used else f"library key mapping: {s} -> {c}")
             elif c in self.T:
                 self.claimed_src.add(s)
-                self.unused[s] = (f"rule {shown} renamed it to {c!r}, which is already paired "
+                self.unused[s] = (f"{by} renamed it to {c!r}, which is already paired "
                                   f"with {self.partner.get(c, c)!r}")
             else:
-                self.hints[s] = f"rule {shown} renamed it to {c!r}, which the target does not have"
+                self.hints[s] = f"{by} renamed it to {c!r}, which the target does not have"
         if not prefix:
             return
         left = {cand[s]: s for s in self.S if s not in self.claimed_src}
@@ -457,7 +462,7 @@ class _Planner:
 
 
 def _plan(src: _Source, tgt: _Target, rules: RulesLike, match: str, enabled: frozenset[str],
-          order: str = "auto") -> _Plan:
+          order: str = "auto", library_keys: bool = True) -> _Plan:
     if match not in MATCH_MODES:
         raise ValueError(f"match={match!r}: expected one of {', '.join(MATCH_MODES)}")
     if order not in ORDER_MODES:
@@ -468,13 +473,19 @@ def _plan(src: _Source, tgt: _Target, rules: RulesLike, match: str, enabled: fro
                                     and all(isinstance(x, str) for x in rules)):
         rules = [rules]  # one rule given on its own
     compiled = keys.compile_rules(rules)
-    p = _Planner(src, tgt, enabled)
+    renames, notes = {}, []
+    if library_keys and tgt.module is not None:
+        from .libkeys import library_renames
+        renames, notes = library_renames(tgt.module, list(src.specs))
+    p = _Planner(src, tgt, enabled, renames)
     if match != "structure":
         p.by_name(compiled, prefix=match in ("auto", "name"))
     if match in ("auto", "structure"):
         ordered = order == "known" or (order == "auto" and src.ordered and tgt.ordered)
         p.by_structure(ordered)
-    return p.finish()
+    plan = p.finish()
+    plan.report.notes += notes
+    return plan
 
 
 # ---------------------------------------------------------------------------------- apply
@@ -556,8 +567,8 @@ def _plan_ema(ema: Any, src: _Source, plan: _Plan) -> Any:
 def transfer(model: nn.Module | MutableMapping[str, torch.Tensor], source: Any, *,
              rules: RulesLike = None, match: str = "auto", adapt: bool | Iterable[str] = True,
              strict: bool = False, dry_run: bool = False, allow_empty: bool = False,
-             order: str = "auto", optimizer: Any = None, ema: Any = None,
-             reshaped: str = "adapt") -> TransferReport:
+             order: str = "auto", library_keys: bool = True, optimizer: Any = None,
+             ema: Any = None, reshaped: str = "adapt") -> TransferReport:
     """Copy the tensors of ``source`` that fit into ``model``, and report every tensor's fate.
 
     ``source``: a checkpoint path, a :class:`~torchkeep.Checkpoint`, an ``nn.Module`` or a
@@ -581,6 +592,8 @@ def transfer(model: nn.Module | MutableMapping[str, torch.Tensor], source: Any, 
     modules and unsorted mappings; no for safetensors, sharded indexes, DCP and sorted names),
     ``'known'`` or ``'unknown'``. Without it, modules are paired only where shapes, name tokens and
     indices single one out; anything else is reported ambiguous, never guessed.
+    ``library_keys``: when ``model`` is a transformers model that declares a checkpoint key
+    mapping, apply it to the source's names before matching (the report's notes say so).
 
     ``optimizer``: an optimizer over ``model``'s parameters that receives the optimizer state
     saved with the source, by parameter name through the same plan (see :mod:`torchkeep.carry.migration.optimizer`;
@@ -593,7 +606,7 @@ def transfer(model: nn.Module | MutableMapping[str, torch.Tensor], source: Any, 
     tgt = _resolve_target(model)
     src = _resolve_source(source)
     try:
-        plan = _plan(src, tgt, rules, match, enabled, order)
+        plan = _plan(src, tgt, rules, match, enabled, order, library_keys)
         report = plan.report
         report.dry_run = dry_run
         if strict and not report.ok:
