@@ -222,9 +222,26 @@ def test_embedding_rows_follow_a_resized_vocabulary():
     assert r1.ok and r2.ok
     w = src.embeddings.word_embeddings.weight
     assert torch.equal(grown.embeddings.word_embeddings.weight[:100], w)
-    assert torch.equal(grown.embeddings.word_embeddings.weight[100:], init[100:])
+    # New rows start at the mean of the old ones (as transformers' resize_token_embeddings does).
+    assert torch.allclose(grown.embeddings.word_embeddings.weight[100:], w.mean(0).expand(20, -1))
+    assert "20 new rows set to the old rows' mean" in r1.adapted["embeddings.word_embeddings.weight"]
     assert torch.equal(cut.embeddings.word_embeddings.weight, w[:80])
     assert "embedding cut 100->80" in r2.adapted["embeddings.word_embeddings.weight"]
+    # Switched off, the new rows keep their init.
+    plain = TinyBert(vocab_size=120)
+    init = plain.embeddings.word_embeddings.weight.detach().clone()
+    r3 = transfer(plain, src, adapt=set(torchkeep.adapt.ADAPTERS) - {"vocab_mean"})
+    assert torch.equal(plain.embeddings.word_embeddings.weight[100:], init[100:])
+    assert "keep their init" in r3.adapted["embeddings.word_embeddings.weight"]
+    # Covariance-matched (named explicitly): new rows are drawn around the old rows' statistics.
+    torch.manual_seed(0)
+    cov = TinyBert(vocab_size=2000)
+    big = TinyBert(vocab_size=1000)
+    r4 = transfer(cov, big, adapt={"rows", "vocab_cov"})
+    assert "drawn from the old rows' mean and covariance" in r4.adapted["embeddings.word_embeddings.weight"]
+    old, new = big.embeddings.word_embeddings.weight, cov.embeddings.word_embeddings.weight[1000:]
+    assert torch.allclose(new.mean(0), old.mean(0), atol=0.15)
+    assert torch.allclose(torch.cov(new.T), torch.cov(old.T), atol=0.25)
 
 
 # ------------------------------------------------------------- wrapped and stored sources

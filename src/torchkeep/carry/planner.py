@@ -30,8 +30,8 @@ from torchkeep.carry.report import METHODS, TransferReport, _shape_str
 from torchkeep.errors import TransferError
 from torchkeep.read import keys
 
-__all__ = ["MATCH_MODES", "METHODS", "RulesLike", "TransferReport", "module_roles", "order_roles",
-           "transfer"]
+__all__ = ["MATCH_MODES", "METHODS", "ORDER_MODES", "RulesLike", "TransferReport", "is_position_table",
+           "module_roles", "order_roles", "transfer"]
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,22 @@ def _join(path: str, leaf: str) -> str:
     return f"{path}.{leaf}" if path else leaf
 
 
+_POSITION_NAMES = frozenset({"pos_embed", "pos_embedding", "position_embedding", "position_embeddings",
+                             "positional_embedding", "absolute_pos_embed", "wpe", "embed_positions",
+                             "pos_emb", "position_emb"})
+
+
+def is_position_table(name: str) -> bool:
+    """Whether a tensor name is an absolute position embedding (``pos_embed``,
+    ``embeddings.position_embeddings.weight``, ``wpe.weight``, ...)."""
+    segs = name.lower().split(".")
+    return bool(_POSITION_NAMES & set(segs[-2:]))
+
+
 def module_roles(model: nn.Module) -> dict[str, str]:
-    """Roles of a model's tensors for the adapters, from module types: the first convolution's
-    weight ('first_conv'), the last Linear's weight and bias ('classifier'), embedding tables."""
+    """Roles of a model's tensors for the adapters, from module types and names: the first
+    convolution's weight ('first_conv'), the last Linear's weight and bias ('classifier'),
+    embedding tables ('embedding'), absolute position embeddings ('position')."""
     roles: dict[str, str] = {}
     first_conv = None
     last_linear: tuple[str, nn.Linear] | None = None
@@ -103,6 +116,9 @@ def module_roles(model: nn.Module) -> dict[str, str]:
         roles[_join(name, "weight")] = "classifier"
         if m.bias is not None:
             roles[_join(name, "bias")] = "classifier"
+    for name, _ in model.named_parameters():
+        if is_position_table(name):
+            roles[name] = "position"
     return roles
 
 
@@ -114,6 +130,9 @@ def order_roles(names: Sequence[str], shapes: Mapping[str, tuple[int, ...]]) -> 
     first_conv = None
     last_2d = None
     for n in names:
+        if is_position_table(n) and len(shapes[n]) in (2, 3, 4):
+            roles[n] = "position"
+            continue
         path, _, leaf = n.rpartition(".")
         if leaf != "weight":
             continue
