@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	# torchvision (for timm in the tests only) beside, not in, the environment: see tests/_timm.py
+	$(PY) -m pip install --quiet --no-deps --target $(VENV)/torchvision-nodeps torchvision==0.28.0 \
+	  || echo "note: torchvision not installed; the timm tests will be skipped"
 	touch $(STAMP)
 
 demo: $(STAMP)
