@@ -48,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="write the target's full state dict here (safetensors)")
     p.add_argument("--strict", action="store_true",
                    help="fail (exit 2) unless every target tensor is loaded and every source tensor used")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="with --out, write even when no tensor at all would be transferred "
+                        "(otherwise that fails with exit 2)")
     p.add_argument("--dry-run", action="store_true", help="plan only; write nothing")
     p.add_argument("--trust", action="store_true",
                    help="allow code execution when opening pickle checkpoints (only for files you trust)")
@@ -151,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
     target, target_label = _target(args.into, args, writing)
     source = _source(args.src, args)
     report = transfer(target, source, rules=args.rule or None, match=args.match,
-                      adapt=not args.no_adapt, strict=args.strict, dry_run=not writing)
+                      adapt=not args.no_adapt, strict=args.strict, dry_run=not writing,
+                      allow_empty=args.allow_empty)
     report.source, report.target = str(args.src), target_label
     if writing:
         meta = {"format": "pt", "torchkeep.carry.planner.source": str(args.src),
