@@ -54,6 +54,9 @@ class ModuleMatch:
 
     @property
     def reason(self) -> str:
+        if not self.rank and self.of == 1:
+            return (f"structure: module {self.source.label} -> {self.target.label} "
+                    "(the only one of its shape; source order unknown)")
         if not self.rank:
             return (f"structure: module {self.source.label} -> {self.target.label} (best of "
                     f"{self.of} of its shape by names and indices; source order unknown)")

@@ -637,7 +637,6 @@ def transfer(model: nn.Module | MutableMapping[str, torch.Tensor], source: Any, 
                 hint="pass strict=False to load what fits, or add rename rules")
             err.report = report  # type: ignore[attr-defined]
             raise err
-        _speak_up(report, allow_empty)
         # The optimizer state and the EMA copy are planned (and read) before anything changes.
         opt_plan = ema_plan = None
         if optimizer is not None:
@@ -647,6 +646,7 @@ def transfer(model: nn.Module | MutableMapping[str, torch.Tensor], source: Any, 
             report.optimizer = opt_plan.report
         if ema is not None:
             report.ema, ema_plan = _plan_ema(ema, src, plan)
+        _speak_up(report, allow_empty)
         if dry_run:
             return report
         meta = [t for t in plan.actions if tgt.tensors[t].device.type == "meta"]
