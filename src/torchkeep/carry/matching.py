@@ -198,7 +198,8 @@ def align_unordered(source: Sequence[ModuleGroup], target: Sequence[ModuleGroup]
     source's; each is scored by :func:`torchkeep.nameevidence.support`. A pair is accepted when
     the target is the source's only best candidate and the source the target's. Accepted pairs
     leave the field and the rest is scored again (a module whose best fits were taken by
-    better-fitting ones is then judged among what is left) until nothing changes; a source
+    better-fitting ones is then judged among what is left; a module whose siblings went to one
+    parent gains support for that parent's children) until nothing changes; a source
     whose best is still shared is ambiguous. ``all_source``/``all_target``: every module path
     of each model (for sibling counts), defaulting to the groups' own.
     """
@@ -221,8 +222,9 @@ def align_unordered(source: Sequence[ModuleGroup], target: Sequence[ModuleGroup]
     tgt_by_path = {h.path: h for h in target}
     open_src = [g.path for g in source if scores[g.path]]
     taken: set[str] = set()
+    parents: dict[str, str | None] = {}   # source parent -> the target parent its children went to
     while True:
-        best_src, best_tgt = _best(open_src, scores, taken)
+        best_src, best_tgt = _best(open_src, scores, taken, parents)
         accepted = [(s, ts[0]) for s, ts in best_src.items()
                     if len(ts) == 1 and best_tgt[ts[0]] == [s]]
         if not accepted:
@@ -231,6 +233,8 @@ def align_unordered(source: Sequence[ModuleGroup], target: Sequence[ModuleGroup]
             n = len(by_sig[src_by_path[s].signature])
             result.matches.append(ModuleMatch(src_by_path[s], tgt_by_path[t], 0, n))
             taken.add(t)
+            ps, pt = module_path(s), module_path(t)
+            parents[ps] = pt if parents.get(ps, pt) == pt else None  # None: children went apart
         done = {s for s, _ in accepted}
         open_src = [s for s in open_src if s not in done]
     for s, ts in best_src.items():
@@ -240,13 +244,20 @@ def align_unordered(source: Sequence[ModuleGroup], target: Sequence[ModuleGroup]
     return result
 
 
-def _best(open_src: list[str], scores: dict[str, dict[str, int]], taken: set[str]
-          ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+# Support added when a module's siblings already went to the candidate's parent: renames keep
+# the modules of one block together (the module tree's shape as evidence).
+PARENT_SUPPORT = 2
+
+
+def _best(open_src: list[str], scores: dict[str, dict[str, int]], taken: set[str],
+          parents: dict[str, str | None]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """Each open source's best free targets, and each free target's best open sources."""
     best_src: dict[str, list[str]] = {}
     top_tgt: dict[str, tuple[int, list[str]]] = {}
     for s in open_src:
-        row = {t: sc for t, sc in scores[s].items() if t not in taken}
+        went = parents.get(module_path(s))
+        row = {t: sc + (PARENT_SUPPORT if went is not None and module_path(t) == went else 0)
+               for t, sc in scores[s].items() if t not in taken}
         if not row:
             continue
         top = max(row.values())
