@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import torchkeep
+from torchkeep.carry.adapters import ADAPTERS
 from torchkeep import TransferError, transfer
 from torchkeep.demo.models import (LeNet5, LeNet5Moon, LeNet6, TinyBert, TinyBertClassifier,
                                    TinyResNet)
@@ -230,7 +231,7 @@ def test_embedding_rows_follow_a_resized_vocabulary():
     # Switched off, the new rows keep their init.
     plain = TinyBert(vocab_size=120)
     init = plain.embeddings.word_embeddings.weight.detach().clone()
-    r3 = transfer(plain, src, adapt=set(torchkeep.adapt.ADAPTERS) - {"vocab_mean"})
+    r3 = transfer(plain, src, adapt=set(ADAPTERS) - {"vocab_mean"})
     assert torch.equal(plain.embeddings.word_embeddings.weight[100:], init[100:])
     assert "keep their init" in r3.adapted["embeddings.word_embeddings.weight"]
     # Covariance-matched (named explicitly): new rows are drawn around the old rows' statistics.

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchkeep
+from torchkeep.carry.adapters import ADAPTERS
 from torchkeep import transfer
 
 
@@ -46,7 +47,7 @@ def test_grid_that_is_not_square_is_refused_and_adapter_can_be_disabled():
     report = transfer(dst, {**src, "x.weight": torch.ones(2)})
     assert "pos_embed" in report.missing
     assert "no count of class/register tokens leaves a square grid" in report.unused["pos_embed"]
-    off = transfer(PatchModel(6), PatchModel(4), adapt=set(torchkeep.adapt.ADAPTERS) - {"pos_embed"},
+    off = transfer(PatchModel(6), PatchModel(4), adapt=set(ADAPTERS) - {"pos_embed"},
                    dry_run=True)
     assert off.unused["pos_embed"].endswith("(adapter 'pos_embed' disabled)")
 

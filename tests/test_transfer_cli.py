@@ -72,10 +72,10 @@ def test_nothing_to_transfer_fails_unless_allowed_and_counts_elements(tmp_path):
     src = tmp_path / "other.safetensors"
     save_file({"encoder.weight": torch.randn(7, 7)}, str(src))
     out = tmp_path / "out.safetensors"
-    p = cli(str(src), "--into", "torchkeep.zoo:LeNet5", "--out", str(out))
+    p = cli(str(src), "--into", "torchkeep.demo.models:LeNet5", "--out", str(out))
     assert p.returncode == 2 and not out.exists()
     assert "loaded nothing" in p.stderr and "--allow-empty" in p.stderr
-    p = cli(str(src), "--into", "torchkeep.zoo:LeNet5", "--out", str(out), "--allow-empty")
+    p = cli(str(src), "--into", "torchkeep.demo.models:LeNet5", "--out", str(out), "--allow-empty")
     assert p.returncode == 0, p.stderr
     assert "loaded 0 of 10 target tensors, 0% of the elements" in p.stdout
     assert "largest kept at init: fc.1.weight [120, 400] (48,000 elements)" in p.stderr  # the warning

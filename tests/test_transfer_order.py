@@ -15,7 +15,7 @@ from torch import nn
 
 import torchkeep
 from torchkeep import TransferError, transfer
-from torchkeep.zoo import LeNet5, TinyResNet
+from torchkeep.demo.models import LeNet5, TinyResNet
 
 
 def assert_never_wrong(report, truth: dict[str, str]) -> None:
@@ -157,7 +157,7 @@ def test_renamed_resnet18_from_safetensors_never_wrong(tmp_path, scheme, caplog)
     save_file(sd, str(path))
     dst = {scheme(k): torch.zeros_like(v) for k, v in sd.items()}
     truth = {scheme(k): k for k in sd}
-    with caplog.at_level(logging.WARNING, logger="torchkeep.transfer"):
+    with caplog.at_level(logging.WARNING, logger="torchkeep.carry.planner"):
         report = transfer(dst, path)
     assert_never_wrong(report, truth)
     for t in report.loaded:
@@ -288,7 +288,7 @@ def test_partial_transfer_warns_with_the_largest_missing(caplog, tmp_path):
     torch.manual_seed(3)
     sd = LeNet5().state_dict()
     del sd["fc.1.weight"]
-    with caplog.at_level(logging.WARNING, logger="torchkeep.transfer"):
+    with caplog.at_level(logging.WARNING, logger="torchkeep.carry.planner"):
         report = transfer(LeNet5(), sd)
     msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(msgs) == 1
@@ -296,7 +296,7 @@ def test_partial_transfer_warns_with_the_largest_missing(caplog, tmp_path):
     assert "largest kept at init: fc.1.weight [120, 400] (48,000 elements)" in msgs[0]
     assert report.headline() in msgs[0]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="torchkeep.transfer"):
+    with caplog.at_level(logging.WARNING, logger="torchkeep.carry.planner"):
         assert transfer(LeNet5(), LeNet5()).ok
     assert not caplog.records  # a complete transfer is quiet
 
@@ -305,7 +305,7 @@ def test_mostly_unused_source_warns(caplog):
     big = LeNet5().state_dict()
     small = {"conv.0.weight": torch.zeros_like(big["conv.0.weight"]),
              "conv.0.bias": torch.zeros_like(big["conv.0.bias"])}
-    with caplog.at_level(logging.WARNING, logger="torchkeep.transfer"):
+    with caplog.at_level(logging.WARNING, logger="torchkeep.carry.planner"):
         report = transfer(small, big)
     assert report.loaded and not report.missing
     msg = caplog.records[-1].getMessage()

@@ -195,7 +195,7 @@ def align_unordered(source: Sequence[ModuleGroup], target: Sequence[ModuleGroup]
     """Pair modules of equal signature without using order.
 
     Candidates are the target modules of the same signature whose names do not contradict the
-    source's; each is scored by :func:`torchkeep.nameevidence.support`. A pair is accepted when
+    source's; each is scored by :func:`torchkeep.carry.nameevidence.support`. A pair is accepted when
     the target is the source's only best candidate and the source the target's. Accepted pairs
     leave the field and the rest is scored again (a module whose best fits were taken by
     better-fitting ones is then judged among what is left; a module whose siblings went to one

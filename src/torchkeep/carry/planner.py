@@ -494,7 +494,7 @@ def _plan(src: _Source, tgt: _Target, rules: RulesLike, match: str, enabled: fro
     compiled = keys.compile_rules(rules)
     renames, notes = {}, []
     if library_keys and tgt.module is not None:
-        from .libkeys import library_renames
+        from torchkeep.carry.libkeys import library_renames
         renames, notes = library_renames(tgt.module, list(src.specs))
     p = _Planner(src, tgt, enabled, renames)
     if match != "structure":
@@ -603,7 +603,7 @@ def transfer(model: nn.Module | MutableMapping[str, torch.Tensor], source: Any, 
     change nothing.
 
     Loud by default: when a target tensor keeps its init, or more than
-    :data:`~torchkeep.transferreport.UNUSED_WARN_SHARE` of the source's elements go unused, a
+    :data:`~torchkeep.carry.report.UNUSED_WARN_SHARE` of the source's elements go unused, a
     WARNING gives the summary and the largest tensors left at init; when nothing at all would
     load, :class:`TransferError` is raised (``err.report`` holds the plan) unless
     ``allow_empty=True`` (a dry run only warns). ``order``: whether the source's name order is
