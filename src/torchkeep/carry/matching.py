@@ -20,6 +20,8 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+import torch
+
 from torchkeep.carry import nameevidence
 from torchkeep.read.keys import module_path
 
@@ -207,40 +209,28 @@ def align_unordered(source: Sequence[ModuleGroup], target: Sequence[ModuleGroup]
     by_sig: dict[Signature, list[ModuleGroup]] = {}
     for h in target:
         by_sig.setdefault(h.signature, []).append(h)
-    result = Alignment()
-    scores: dict[str, dict[str, int]] = {}
+    src_by_sig: dict[Signature, list[ModuleGroup]] = {}
     for g in source:
-        row: dict[str, int] = {}
-        for h in by_sig.get(g.signature, ()):
-            why = nameevidence.contradiction(fs[g.path], ft[h.path])
-            if why is None:
-                row[h.path] = nameevidence.support(fs[g.path], ft[h.path])
-            elif len(by_sig[g.signature]) == 1:
-                result.contradicted[g.path] = (h.path, why)
-        scores[g.path] = row
-    src_by_path = {g.path: g for g in source}
-    tgt_by_path = {h.path: h for h in target}
-    open_src = [g.path for g in source if scores[g.path]]
-    taken: set[str] = set()
-    parents: dict[str, str | None] = {}   # source parent -> the target parent its children went to
+        if g.signature in by_sig:
+            src_by_sig.setdefault(g.signature, []).append(g)
+    result = Alignment()
+    parent_ids: dict[str, int] = {}          # target parents
+    src_parent_ids: dict[str, int] = {}      # source parents
+    buckets = [_Bucket.build(gs, by_sig[sig], fs, ft, parent_ids, src_parent_ids, result)
+               for sig, gs in src_by_sig.items()]
+    pmap = torch.full((len(src_parent_ids) + 1,), -1, dtype=torch.long)  # -1 none, -2 went apart
     while True:
-        best_src, best_tgt = _best(open_src, scores, taken, parents)
-        accepted = [(s, ts[0]) for s, ts in best_src.items()
-                    if len(ts) == 1 and best_tgt[ts[0]] == [s]]
+        accepted = [(b, i, j) for b in buckets for i, j in b.accepted(pmap)]
         if not accepted:
             break
-        for s, t in accepted:
-            n = len(by_sig[src_by_path[s].signature])
-            result.matches.append(ModuleMatch(src_by_path[s], tgt_by_path[t], 0, n))
-            taken.add(t)
-            ps, pt = module_path(s), module_path(t)
-            parents[ps] = pt if parents.get(ps, pt) == pt else None  # None: children went apart
-        done = {s for s, _ in accepted}
-        open_src = [s for s in open_src if s not in done]
-    for s, ts in best_src.items():
-        result.ambiguous[s] = sorted(ts)
-        if len(ts) == 1:  # the target fits another source at least as well
-            result.rivals[s] = sorted(p for p in best_tgt[ts[0]] if p != s)
+        for b, i, j in accepted:
+            b.take(i, j)
+            result.matches.append(ModuleMatch(b.src[i], b.tgt[j], 0, len(b.tgt)))
+            sp, tp = int(b.src_par[i]), int(b.tgt_par[j])
+            cur = int(pmap[sp])
+            pmap[sp] = tp if cur in (-1, tp) else -2
+    for b in buckets:
+        b.report(pmap, result)
     return result
 
 
@@ -249,23 +239,92 @@ def align_unordered(source: Sequence[ModuleGroup], target: Sequence[ModuleGroup]
 PARENT_SUPPORT = 2
 
 
-def _best(open_src: list[str], scores: dict[str, dict[str, int]], taken: set[str],
-          parents: dict[str, str | None]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """Each open source's best free targets, and each free target's best open sources."""
-    best_src: dict[str, list[str]] = {}
-    top_tgt: dict[str, tuple[int, list[str]]] = {}
-    for s in open_src:
-        went = parents.get(module_path(s))
-        row = {t: sc + (PARENT_SUPPORT if went is not None and module_path(t) == went else 0)
-               for t, sc in scores[s].items() if t not in taken}
-        if not row:
-            continue
-        top = max(row.values())
-        best_src[s] = [t for t, sc in row.items() if sc == top]
-        for t, sc in row.items():
-            cur, who = top_tgt.get(t, (-1, []))
-            if sc > cur:
-                top_tgt[t] = (sc, [s])
-            elif sc == cur:
-                who.append(s)
-    return best_src, {t: who for t, (_, who) in top_tgt.items()}
+class _Bucket:
+    """The source and target modules of one signature, their support matrix (-1: ruled out) and
+    which of them are still free; rounds of mutual-best acceptance run as tensor operations."""
+
+    def __init__(self, src: list[ModuleGroup], tgt: list[ModuleGroup], m: torch.Tensor,
+                 src_par: torch.Tensor, tgt_par: torch.Tensor) -> None:
+        self.src, self.tgt, self.m = src, tgt, m
+        self.src_par, self.tgt_par = src_par, tgt_par
+        self.open = torch.ones(len(src), dtype=torch.bool)
+        self.free = torch.ones(len(tgt), dtype=torch.bool)
+
+    @classmethod
+    def build(cls, src: list[ModuleGroup], tgt: list[ModuleGroup], fs: dict, ft: dict,
+              parent_ids: dict[str, int], src_parent_ids: dict[str, int], result: Alignment) -> "_Bucket":
+        sf = [fs[g.path] for g in src]
+        tf = [ft[h.path] for h in tgt]
+        if len(tgt) == 1:
+            for g, f in zip(src, sf):
+                why = nameevidence.contradiction(f, tf[0])
+                if why is not None:
+                    result.contradicted[g.path] = (tgt[0].path, why)
+        # Support is a sum of what the name tokens say and what the indices say, each computed
+        # once per distinct pair of keys (many modules share one), then gathered.
+        names = _part_matrix(sf, tf, lambda f: (f.tokens, f.ordinals), nameevidence.name_relation)
+        levels = _part_matrix(sf, tf, lambda f: f.levels, nameevidence.level_relation)
+        m = (names + levels).masked_fill((names < 0) | (levels < 0), -1).to(torch.int32)
+        sp = torch.tensor([src_parent_ids.setdefault(module_path(g.path), len(src_parent_ids))
+                           for g in src], dtype=torch.long)
+        tp = torch.tensor([parent_ids.setdefault(module_path(h.path), len(parent_ids)) for h in tgt],
+                          dtype=torch.long)
+        return cls(src, tgt, m, sp, tp)
+
+    def effective(self, pmap: torch.Tensor) -> torch.Tensor:
+        """Support with the parent bonus, -1 where ruled out, taken or already paired."""
+        e = self.m.masked_fill(~(self.open[:, None] & self.free[None, :]), -1)
+        went = pmap[self.src_par]
+        if bool((went >= 0).any()):
+            bonus = (went[:, None] == self.tgt_par[None, :]) & (e >= 0)
+            e = e + bonus.to(e.dtype) * PARENT_SUPPORT
+        return e
+
+    def accepted(self, pmap: torch.Tensor) -> list[tuple[int, int]]:
+        e = self.effective(pmap)
+        if e.numel() == 0:
+            return []
+        row_max, row_arg = e.max(dim=1)
+        col_max, col_arg = e.max(dim=0)
+        row_n = (e == row_max[:, None]).sum(dim=1)
+        col_n = (e == col_max[None, :]).sum(dim=0)
+        ok = (row_max >= 0) & (row_n == 1) & (col_n[row_arg] == 1) & \
+            (col_arg[row_arg] == torch.arange(len(self.src)))
+        return [(int(i), int(row_arg[i])) for i in torch.nonzero(ok).flatten()]
+
+    def take(self, i: int, j: int) -> None:
+        self.open[i] = False
+        self.free[j] = False
+
+    def report(self, pmap: torch.Tensor, result: Alignment) -> None:
+        """Record the sources still open with candidates as ambiguous (and, where their one best
+        target fits another source at least as well, those rivals)."""
+        e = self.effective(pmap)
+        if e.numel() == 0:
+            return
+        row_max = e.max(dim=1).values
+        col_max = e.max(dim=0).values
+        row_best = ((e == row_max[:, None]) & (row_max[:, None] >= 0)).tolist()
+        col_best = ((e == col_max[None, :]) & (col_max[None, :] >= 0)).T.tolist()
+        for i, flags in enumerate(row_best):
+            best = [j for j, f in enumerate(flags) if f]
+            if not best:
+                continue
+            path = self.src[i].path
+            result.ambiguous[path] = [self.tgt[j].path for j in best]  # in the target's order
+            if len(best) == 1:
+                result.rivals[path] = sorted(self.src[k].path for k, f in enumerate(col_best[best[0]])
+                                             if f and k != i)
+
+
+def _part_matrix(sf: list, tf: list, key, relate) -> torch.Tensor:
+    """``[len(sf), len(tf)]`` of what ``relate`` says per pair (-1: ruled out), computed once per
+    distinct pair of ``key``s."""
+    sk: dict = {}
+    tk: dict = {}
+    si = [sk.setdefault(key(f), (len(sk), f))[0] for f in sf]
+    ti = [tk.setdefault(key(f), (len(tk), f))[0] for f in tf]
+    small = torch.tensor([[-1 if why is not None else sc for why, sc in
+                           (relate(a, b) for _, b in tk.values())] for _, a in sk.values()],
+                         dtype=torch.int32).reshape(len(sk), len(tk))
+    return small[torch.tensor(si, dtype=torch.long)][:, torch.tensor(ti, dtype=torch.long)]

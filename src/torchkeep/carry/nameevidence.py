@@ -16,11 +16,13 @@ indexes and DCP store keys sorted or unordered). Three kinds of evidence, all fr
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-__all__ = ["Features", "contradiction", "features", "support"]
+__all__ = ["Features", "contradiction", "features", "level_relation", "name_relation", "relation",
+           "support"]
 
 _WORD = re.compile(r"[a-z]+|\d+")
 
@@ -119,31 +121,60 @@ def _levels_by_count(levels: tuple[tuple[int, int], ...]) -> dict[int, list[int]
     return by
 
 
-def _comparable(la: dict[int, list[int]], lb: dict[int, list[int]]) -> list[int]:
-    """Sibling counts whose levels correspond one to one on both sides (the same number of
-    levels of that count); where they do not, which level is which is unknown: no evidence."""
-    return [n for n in la.keys() & lb.keys() if len(la[n]) == len(lb[n])]
+@functools.lru_cache(maxsize=65536)
+def _name_relation(ta: frozenset[str], oa: tuple[tuple[str, str], ...],
+                   tb: frozenset[str], ob: tuple[tuple[str, str], ...]) -> tuple[str | None, int]:
+    ra, rb = ta & ROLES, tb & ROLES
+    if ra and rb and ra != rb:
+        return f"names say {'/'.join(sorted(ra))} vs {'/'.join(sorted(rb))}", 0
+    ao, bo = dict(oa), dict(ob)
+    for stem in ao.keys() & bo.keys():
+        if ao[stem] != bo[stem] and sum(s == stem for s, _ in oa) == 1 == sum(s == stem for s, _ in ob):
+            return f"names say {stem}{ao[stem]} vs {stem}{bo[stem]}", 0
+    return None, len(ta & tb)
+
+
+@functools.lru_cache(maxsize=65536)
+def _level_relation(a: tuple[tuple[int, int], ...], b: tuple[tuple[int, int], ...]) -> tuple[str | None, int]:
+    """Levels of equal sibling count are compared innermost first, where both sides have the
+    same number of them (otherwise which level is which is unknown: no evidence)."""
+    la, lb = _levels_by_count(a), _levels_by_count(b)
+    agree = 0
+    for n in la.keys() & lb.keys():
+        if len(la[n]) != len(lb[n]):
+            continue
+        for ra, rb in zip(la[n], lb[n]):
+            if ra != rb:
+                return f"indices differ (position {ra} vs {rb} of {n})", 0
+        agree += len(la[n])
+    return None, agree
+
+
+def name_relation(a: Features, b: Features) -> tuple[str | None, int]:
+    """What the name tokens alone say: ``(why they rule the pair out, 0)`` or ``(None, shared)``."""
+    return _name_relation(a.tokens, a.ordinals, b.tokens, b.ordinals)
+
+
+def level_relation(a: Features, b: Features) -> tuple[str | None, int]:
+    """What the indices alone say: ``(why they rule the pair out, 0)`` or ``(None, agreeing levels)``."""
+    return _level_relation(a.levels, b.levels)
+
+
+def relation(a: Features, b: Features) -> tuple[str | None, int]:
+    """``(why the names rule the pair out, None)`` or ``(None, support)``: shared canonical tokens
+    plus index levels that agree."""
+    why, shared = _name_relation(a.tokens, a.ordinals, b.tokens, b.ordinals)
+    if why is not None:
+        return why, 0
+    why, agree = _level_relation(a.levels, b.levels)
+    return (why, 0) if why is not None else (None, shared + agree)
 
 
 def contradiction(a: Features, b: Features) -> str | None:
     """Why two modules cannot be counterparts by their names alone, or None."""
-    if a.roles and b.roles and a.roles != b.roles:
-        return f"names say {'/'.join(sorted(a.roles))} vs {'/'.join(sorted(b.roles))}"
-    ao, bo = dict(a.ordinals), dict(b.ordinals)
-    for stem in ao.keys() & bo.keys():
-        if len([o for s, o in a.ordinals if s == stem]) == 1 == len([o for s, o in b.ordinals if s == stem]) \
-                and ao[stem] != bo[stem]:
-            return f"names say {stem}{ao[stem]} vs {stem}{bo[stem]}"
-    la, lb = _levels_by_count(a.levels), _levels_by_count(b.levels)
-    for n in _comparable(la, lb):
-        for ra, rb in zip(la[n], lb[n]):
-            if ra != rb:
-                return f"indices differ (position {ra} vs {rb} of {n})"
-    return None
+    return relation(a, b)[0]
 
 
 def support(a: Features, b: Features) -> int:
-    """How much the names agree: shared canonical tokens plus index levels that agree."""
-    la, lb = _levels_by_count(a.levels), _levels_by_count(b.levels)
-    agree = sum(len(la[n]) for n in _comparable(la, lb))
-    return len(a.tokens & b.tokens) + agree
+    """How much the names agree (0 where they contradict)."""
+    return relation(a, b)[1]

@@ -24,6 +24,12 @@ def _numel(shape: Sequence[int] | None) -> int:
     return math.prod(int(s) for s in shape) if shape is not None else 0
 
 
+def _brief(why: str, limit: int = 60) -> str:
+    """The first clause of a reason, for one-line summaries (the table has it in full)."""
+    head = why.split(" (", 1)[0].split(": ", 1)[0] if why.startswith("ambiguous") else why.split(" (", 1)[0]
+    return head if len(head) <= limit else head[: limit - 3] + "..."
+
+
 def percent(part: int, whole: int) -> str:
     """``part`` of ``whole`` as a percentage that never rounds a partial share to 0% or 100%."""
     if whole <= 0 or part >= whole:
@@ -120,7 +126,8 @@ class TransferReport:
             big = sorted(self.unused, key=lambda s: -_numel(self.source_shapes.get(s)))[:3]
             parts.append(f"{percent(c['unused_elements'], c['source_elements'])} of the source's "
                          "elements unused, largest: " + ", ".join(
-                             f"{s} ({self.unused[s]})" for s in big))
+                             f"{s} {_shape_str(self.source_shapes.get(s))} ({_brief(self.unused[s])})"
+                             for s in big))
         return "; ".join(parts)
 
     def rows(self) -> list[tuple[str, str, str, str, str]]:
