@@ -151,7 +151,8 @@ def _sequence_writer(n: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
     return write
 
 
-def _position(src_shape: tuple[int, ...], dst_shape: tuple[int, ...]) -> tuple[Adaptation | None, str | None]:
+def _position(src_shape: tuple[int, ...], dst_shape: tuple[int, ...]
+              ) -> tuple[Adaptation | None, str | None]:
     """How to resample a position table, or (None, why not)."""
     if len(src_shape) == 4 and src_shape[:2] == dst_shape[:2] and src_shape[0] == 1:
         size = (int(dst_shape[2]), int(dst_shape[3]))

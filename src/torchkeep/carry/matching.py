@@ -169,7 +169,8 @@ def align(source: Sequence[ModuleGroup], target: Sequence[ModuleGroup]) -> Align
     return result
 
 
-def _features(groups: Sequence[ModuleGroup], all_paths: Sequence[str] | None) -> dict[str, nameevidence.Features]:
+def _features(groups: Sequence[ModuleGroup], all_paths: Sequence[str] | None
+              ) -> dict[str, nameevidence.Features]:
     paths = [g.path for g in groups]
     return nameevidence.features(paths, paths if all_paths is None else all_paths)
 

@@ -135,7 +135,8 @@ def _name_relation(ta: frozenset[str], oa: tuple[tuple[str, str], ...],
 
 
 @functools.lru_cache(maxsize=65536)
-def _level_relation(a: tuple[tuple[int, int], ...], b: tuple[tuple[int, int], ...]) -> tuple[str | None, int]:
+def _level_relation(a: tuple[tuple[int, int], ...], b: tuple[tuple[int, int], ...]
+                    ) -> tuple[str | None, int]:
     """Levels of equal sibling count are compared innermost first, where both sides have the
     same number of them (otherwise which level is which is unknown: no evidence)."""
     la, lb = _levels_by_count(a), _levels_by_count(b)

@@ -434,7 +434,8 @@ class _Planner:
                 why = (f"ambiguous: module {path or '<root>'} fits {shown} best, which fits "
                        f"{', '.join(rivals[:3])} at least as well {how}")
             else:
-                why = f"ambiguous: module {path or '<root>'} fits {len(targets)} target modules equally {how} ({shown})"
+                why = (f"ambiguous: module {path or '<root>'} fits {len(targets)} target modules "
+                       f"equally {how} ({shown})")
             for s in by_path[path].tensors.values():
                 self.claimed_src.add(s)
                 self.unused[s] = why
