@@ -61,6 +61,21 @@ def test_vit_stored_names_load_through_the_library_mapping_or_structure(tmp_path
     assert_same_state(plain, theirs)
 
 
+def test_sharded_index_keeps_no_order_and_still_loads_renamed(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torchkeep
+    torch.manual_seed(10)
+    transformers.ViTModel(_vit_config()).save_pretrained(tmp_path, max_shard_size="8KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ckpt = torchkeep.open(tmp_path)
+    assert ckpt.format == "hf-sharded" and not ckpt.order_known
+    theirs = transformers.ViTModel.from_pretrained(tmp_path)
+    ours = transformers.ViTModel(_vit_config())
+    report = transfer(ours, ckpt, library_keys=False)
+    assert report.ok, str(report)
+    assert_same_state(ours, theirs)
+
+
 def test_legacy_gamma_beta_names_follow_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
