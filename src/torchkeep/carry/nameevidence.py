@@ -51,7 +51,6 @@ _WORDS: dict[str, str] = {
 
 # Inside an attention module these segments are its output projection.
 _ATTENTION_OUT = frozenset({"output", "out", "proj", "c_proj"})
-_ATTENTION = frozenset({"attention"})
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,12 @@ class Features:
     levels: tuple[tuple[int, int], ...]         # (rank among siblings, number of siblings)
 
 
-def _segment_tokens(seg: str, in_attention: bool) -> list[str]:
+@functools.lru_cache(maxsize=16384)
+def _segment_tokens(seg: str, in_attention: bool) -> tuple[str, ...]:
+    return tuple(_tokens_of(seg, in_attention))
+
+
+def _tokens_of(seg: str, in_attention: bool) -> list[str]:
     s = seg.lower().replace("layer_norm", "layernorm").replace("feed_forward", "feedforward")
     if in_attention and s in _ATTENTION_OUT:
         return ["o"]
@@ -107,7 +111,7 @@ def features(paths: Sequence[str], all_paths: Iterable[str]) -> dict[str, Featur
                 sib = siblings.get(".".join(segs[:i]), [int(seg)])
                 levels.append((sib.index(int(seg)) if int(seg) in sib else 0, len(sib)))
                 continue
-            tokens += _segment_tokens(seg, bool(_ATTENTION & set(tokens)))
+            tokens += _segment_tokens(seg, "attention" in tokens)
         toks = frozenset(tokens)
         ords = tuple(sorted(tuple(t.split("#", 1)) for t in toks if "#" in t))  # type: ignore[misc]
         out[path] = Features(toks, toks & ROLES, ords, tuple(levels))

@@ -166,8 +166,15 @@ def _looks_sorted(names: Sequence[str]) -> bool:
     """Sorted as text or naturally ('layer.2' before 'layer.10'): an order that is no evidence."""
     if len(names) < 3:
         return False
-    keyed = [keys.natural_key(n) for n in names]
-    return _is_sorted(names) or all(a <= b for a, b in zip(keyed, keyed[1:]))
+    if _is_sorted(names):
+        return True
+    prev = keys.natural_key(names[0])
+    for n in names[1:]:  # stops at the first step back (registration order has one early)
+        cur = keys.natural_key(n)
+        if cur < prev:
+            return False
+        prev = cur
+    return True
 
 
 def _tensor_items(mapping: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ def _shape_str(shape: Sequence[int] | None) -> str:
 
 
 def _numel(shape: Sequence[int] | None) -> int:
-    return math.prod(int(s) for s in shape) if shape is not None else 0
+    return math.prod(shape) if shape is not None else 0
 
 
 def _brief(why: str, limit: int = 60) -> str:
@@ -117,7 +117,7 @@ class TransferReport:
         unused_share = c["unused_elements"] / c["source_elements"] if c["source_elements"] else 0.0
         if not self.missing and unused_share <= UNUSED_WARN_SHARE:
             return None
-        parts = [self.headline()]
+        parts = [self.headline(c)]
         if self.missing:
             parts.append("largest kept at init: " + ", ".join(
                 f"{t} {_shape_str(self.target_shapes.get(t))} ({k:,} elements)"
@@ -149,8 +149,8 @@ class TransferReport:
             out.append(("unused", "-", _shape_str(self.source_shapes.get(s)), s, why))
         return out
 
-    def headline(self) -> str:
-        c = self.counts
+    def headline(self, counts: dict[str, int] | None = None) -> str:
+        c = counts or self.counts
         share = percent(c["loaded_elements"], c["target_elements"])
         head = (f"transfer {self.source or 'source'} -> {self.target or 'target'}: "
                 f"loaded {c['loaded']} of {c['target']} target tensors, {share} of the elements "
