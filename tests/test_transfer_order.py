@@ -202,6 +202,9 @@ SCHEMES = {
                  "o": "h.{i}.attention.dense", "n1": "h.{i}.ln_1", "n2": "h.{i}.ln_2",
                  "fc1": "h.{i}.mlp.dense_h_to_4h", "fc2": "h.{i}.mlp.dense_4h_to_h"},
     "numbered": {p: f"h.{{i}}.{j}" for j, p in enumerate(PARTS)},
+    "flat": {"q": "trunk_blocks_{i}_attn_q", "k": "trunk_blocks_{i}_attn_k", "v": "trunk_blocks_{i}_attn_v",
+             "o": "trunk_blocks_{i}_attn_out", "n1": "trunk_blocks_{i}_ln_1", "n2": "trunk_blocks_{i}_ln_2",
+             "fc1": "trunk_blocks_{i}_mlp_in", "fc2": "trunk_blocks_{i}_mlp_out"},
 }
 
 

@@ -86,20 +86,35 @@ def _tokens_of(seg: str, in_attention: bool) -> list[str]:
     return out
 
 
-def _sibling_index(paths: Iterable[str]) -> dict[str, list[int]]:
-    """parent prefix -> sorted numeric child segments, over every module path given."""
-    kids: dict[str, set[int]] = {}
+_DIGITS = re.compile(r"\d+")
+
+
+def _numbered(seg: str) -> tuple[str, int] | None:
+    """``(template, number)`` for a segment with exactly one run of digits ('3' -> ('#', 3),
+    'layer2' -> ('layer#', 2), 'blocks_0_attn' -> ('blocks_#_attn', 0)), else None."""
+    runs = _DIGITS.findall(seg)
+    if len(runs) != 1:
+        return None
+    return _DIGITS.sub("#", seg), int(runs[0])
+
+
+def _sibling_index(paths: Iterable[str]) -> dict[tuple[str, str], list[int]]:
+    """(parent prefix, segment template) -> sorted numbers, over every module path given."""
+    kids: dict[tuple[str, str], set[int]] = {}
     for p in paths:
         segs = p.split(".") if p else []
         for i, seg in enumerate(segs):
-            if seg.isdigit():
-                kids.setdefault(".".join(segs[:i]), set()).add(int(seg))
+            num = _numbered(seg)
+            if num is not None:
+                kids.setdefault((".".join(segs[:i]), num[0]), set()).add(num[1])
     return {k: sorted(v) for k, v in kids.items()}
 
 
 def features(paths: Sequence[str], all_paths: Iterable[str]) -> dict[str, Features]:
     """Evidence for each module path in ``paths``; sibling counts come from ``all_paths`` (every
-    module of the same model, matched or not, so ranks do not shift as names are claimed)."""
+    module of the same model, matched or not, so ranks do not shift as names are claimed).
+    A number in a name is an index level where siblings share the rest of the name
+    (``layer.3``; ``layer1``..``layer4``; ``blocks_0_attn``..``blocks_11_attn``)."""
     siblings = _sibling_index(all_paths)
     out: dict[str, Features] = {}
     for path in paths:
@@ -107,9 +122,12 @@ def features(paths: Sequence[str], all_paths: Iterable[str]) -> dict[str, Featur
         tokens: list[str] = []
         levels = []
         for i, seg in enumerate(segs):
+            num = _numbered(seg)
+            if num is not None:
+                sib = siblings.get((".".join(segs[:i]), num[0]), [num[1]])
+                if seg.isdigit() or len(sib) > 1:
+                    levels.append((sib.index(num[1]) if num[1] in sib else 0, len(sib)))
             if seg.isdigit():
-                sib = siblings.get(".".join(segs[:i]), [int(seg)])
-                levels.append((sib.index(int(seg)) if int(seg) in sib else 0, len(sib)))
                 continue
             tokens += _segment_tokens(seg, "attention" in tokens)
         toks = frozenset(tokens)
