@@ -264,7 +264,7 @@ class _Bucket:
         # Support is a sum of what the name tokens say and what the indices say, each computed
         # once per distinct pair of keys (many modules share one), then gathered.
         names = _part_matrix(sf, tf, lambda f: (f.tokens, f.ordinals), nameevidence.name_relation)
-        levels = _part_matrix(sf, tf, lambda f: f.levels, nameevidence.level_relation)
+        levels = _part_matrix(sf, tf, lambda f: (f.levels, f.all_levels), nameevidence.level_relation)
         m = (names + levels).masked_fill((names < 0) | (levels < 0), -1).to(torch.int32)
         sp = torch.tensor([src_parent_ids.setdefault(module_path(g.path), len(src_parent_ids))
                            for g in src], dtype=torch.long)

@@ -61,6 +61,8 @@ class Features:
     roles: frozenset[str]
     ordinals: tuple[tuple[str, str], ...]      # (stem, ordinal), e.g. ('norm', '1')
     levels: tuple[tuple[int, int], ...]         # (rank among siblings, number of siblings)
+    # The same with the numbers inside names ('layer2', 'blocks_0_attn') as levels too.
+    all_levels: tuple[tuple[int, int], ...] = ()
 
 
 @functools.lru_cache(maxsize=16384)
@@ -120,19 +122,22 @@ def features(paths: Sequence[str], all_paths: Iterable[str]) -> dict[str, Featur
     for path in paths:
         segs = path.split(".") if path else []
         tokens: list[str] = []
-        levels = []
+        levels, all_levels = [], []
         for i, seg in enumerate(segs):
             num = _numbered(seg)
             if num is not None:
                 sib = siblings.get((".".join(segs[:i]), num[0]), [num[1]])
+                level = (sib.index(num[1]) if num[1] in sib else 0, len(sib))
+                if seg.isdigit():
+                    levels.append(level)
                 if seg.isdigit() or len(sib) > 1:
-                    levels.append((sib.index(num[1]) if num[1] in sib else 0, len(sib)))
+                    all_levels.append(level)
             if seg.isdigit():
                 continue
             tokens += _segment_tokens(seg, "attention" in tokens)
         toks = frozenset(tokens)
         ords = tuple(sorted(tuple(t.split("#", 1)) for t in toks if "#" in t))  # type: ignore[misc]
-        out[path] = Features(toks, toks & ROLES, ords, tuple(levels))
+        out[path] = Features(toks, toks & ROLES, ords, tuple(levels), tuple(all_levels))
     return out
 
 
@@ -179,8 +184,14 @@ def name_relation(a: Features, b: Features) -> tuple[str | None, int]:
 
 
 def level_relation(a: Features, b: Features) -> tuple[str | None, int]:
-    """What the indices alone say: ``(why they rule the pair out, 0)`` or ``(None, agreeing levels)``."""
-    return _level_relation(a.levels, b.levels)
+    """What the indices alone say: ``(why they rule the pair out, 0)`` or ``(None, agreeing
+    levels)``. Container indices (``layer.3``) are compared, and separately all numbers
+    including those inside names; either may rule a pair out, the better agreement counts."""
+    why, agree = _level_relation(a.levels, b.levels)
+    if why is not None or a.all_levels == a.levels and b.all_levels == b.levels:
+        return why, agree
+    why, agree_all = _level_relation(a.all_levels, b.all_levels)
+    return (why, 0) if why is not None else (None, max(agree, agree_all))
 
 
 def relation(a: Features, b: Features) -> tuple[str | None, int]:
@@ -189,7 +200,7 @@ def relation(a: Features, b: Features) -> tuple[str | None, int]:
     why, shared = _name_relation(a.tokens, a.ordinals, b.tokens, b.ordinals)
     if why is not None:
         return why, 0
-    why, agree = _level_relation(a.levels, b.levels)
+    why, agree = level_relation(a, b)
     return (why, 0) if why is not None else (None, shared + agree)
 
 
