@@ -112,6 +112,18 @@ def test_gpt2_vocabulary_grown_like_resize_token_embeddings(tmp_path):
     assert "12 new rows set to the old rows' mean" in report.adapted["transformer.wte.weight"]
     assert ours.lm_head.weight.data_ptr() == ours.transformer.wte.weight.data_ptr()  # still tied
     assert_same_state(ours, theirs, atol=1e-5)
+    # Untied output embeddings: the LM head's new rows start at the mean too.
+    untied = transformers.GPT2Config(vocab_size=40, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                     tie_word_embeddings=False)
+    torch.manual_seed(3)
+    transformers.GPT2LMHeadModel(untied).save_pretrained(tmp_path / "untied")
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "untied")
+    theirs.resize_token_embeddings(52)
+    ours = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**untied.to_dict(), "vocab_size": 52}))
+    assert ours.lm_head.weight.data_ptr() != ours.transformer.wte.weight.data_ptr()
+    report = transfer(ours, tmp_path / "untied")
+    assert report.ok and "new rows set to the old rows' mean" in report.adapted["lm_head.weight"], str(report)
+    assert_same_state(ours, theirs, atol=1e-5)
     # A cut vocabulary keeps the first rows, as resize_token_embeddings does.
     theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path)
     theirs.resize_token_embeddings(30)

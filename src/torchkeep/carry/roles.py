@@ -47,18 +47,26 @@ def module_roles(model: nn.Module) -> dict[str, str]:
         roles[_join(first_conv, "weight")] = "first_conv"
     if last_linear is not None:
         name, m = last_linear
-        roles[_join(name, "weight")] = "classifier"
+        # A last Linear with a row per token of an input embedding is the output embedding (an
+        # untied LM head): its rows follow the vocabulary, not a task's classes.
+        vocab = {(e.num_embeddings, e.embedding_dim) for e in model.modules() if isinstance(e, nn.Embedding)}
+        role = "embedding" if (m.out_features, m.in_features) in vocab else "classifier"
+        roles[_join(name, "weight")] = role
         if m.bias is not None:
-            roles[_join(name, "bias")] = "classifier"
+            roles[_join(name, "bias")] = role
     for name, _ in model.named_parameters():
         if is_position_table(name):
             roles[name] = "position"
     return roles
 
 
+_LM_HEADS = frozenset({"lm_head", "embed_out", "output", "decoder", "head"})
+
+
 def order_roles(names: Sequence[str], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
     """Roles guessed from names and order when no module is at hand (a checkpoint's tensors):
-    embeddings by name, the first 3-5-d weight as the first conv, the last 2-d weight (and its
+    embeddings and position tables by name, the first 3-5-d weight as the first conv, an LM
+    head the shape of an embedding table as an (output) embedding, the last 2-d weight (and its
     bias) as the classifier."""
     roles: dict[str, str] = {}
     first_conv = None
@@ -80,11 +88,19 @@ def order_roles(names: Sequence[str], shapes: Mapping[str, tuple[int, ...]]) -> 
             first_conv = n
     if first_conv is not None:
         roles[first_conv] = "first_conv"
-    if last_2d is not None:
-        roles[last_2d] = "classifier"
+    vocab = {tuple(shapes[n]) for n, r in roles.items() if r == "embedding"}
+    for n in names:  # untied LM heads by name and shape, wherever the order puts them
+        path, _, leaf = n.rpartition(".")
+        if leaf == "weight" and tuple(shapes[n]) in vocab and path.rpartition(".")[2] in _LM_HEADS:
+            roles[n] = "embedding"
+            if path + ".bias" in shapes and len(shapes[path + ".bias"]) == 1:
+                roles[path + ".bias"] = "embedding"
+    if last_2d is not None and last_2d not in roles:
+        role = "embedding" if tuple(shapes[last_2d]) in vocab else "classifier"  # an untied LM head
+        roles[last_2d] = role
         bias = last_2d[: -len("weight")] + "bias"
         if bias in shapes and len(shapes[bias]) == 1 and shapes[bias][0] == shapes[last_2d][0]:
-            roles[bias] = "classifier"
+            roles[bias] = role
     return roles
 
 
