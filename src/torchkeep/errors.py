@@ -35,6 +35,10 @@ class FormatError(TorchkeepError):
     """Not a checkpoint torchkeep can read, or malformed."""
 
 
+class LimitExceededError(FormatError):
+    """The input is larger or deeper than a safety limit allows (see ``torchkeep.limits``)."""
+
+
 class CorruptCheckpointError(TorchkeepError):
     """Truncated file, checksum mismatch, missing shard or commit record."""
 

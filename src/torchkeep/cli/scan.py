@@ -35,23 +35,27 @@ def run(args: argparse.Namespace) -> int:
             status = 2
             continue
         reports.append(rep.to_dict())
-        if rep.errors:
-            status = 2
-        elif not rep.safe:
-            status = max(status, 1)
+        verdict = rep.verdict  # unsafe globals or uninspectable pickles win over damage
+        status = max(status, 1) if verdict == "unsafe" else (2 if verdict == "damaged" else status)
         if args.json:
             continue
         if rep.safe:
             out.print(f"[green]safe[/]     {path}  ({rep.format}, {len(rep.globals)} globals, all allowlisted)")
         else:
-            label = "[red]UNSAFE[/]" if rep.unsafe else ("[red]DAMAGED[/]" if rep.errors else "[yellow]unknown[/]")
+            label = "[red]UNSAFE[/]" if rep.unsafe or rep.uninspected else (
+                "[yellow]unknown[/]" if rep.unknown else "[red]DAMAGED[/]")
             out.print(f"{label}   {path}  ({rep.format})")
             for g in rep.unsafe:
                 out.print(f"    [red]unsafe[/]   {g.qualname}   [dim]in {g.member}[/]")
             for g in rep.unknown:
                 out.print(f"    [yellow]unknown[/]  {g.qualname}   [dim]in {g.member}[/]")
+            for u in rep.uninspected:
+                out.print(f"    not inspected (unsafe to load): {u}", markup=False, highlight=False)
             for e in rep.errors:
-                out.print(f"    [red]error[/]    {e}", markup=False)
+                out.print(f"    damaged  {e}", markup=False, highlight=False)
+            for n in rep.notes:
+                if n not in rep.errors:
+                    out.print(f"    note     {n}", markup=False, highlight=False)
         if args.verbose:
             for g in rep.globals:
                 out.print(f"    {g.verdict:8} {g.qualname}   [dim]in {g.member}[/]")

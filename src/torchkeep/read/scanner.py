@@ -1,95 +1,47 @@
 """Listing every global a checkpoint's pickles import, by walking opcodes: nothing is imported.
 
-``scan`` covers torch zip archives (every pickle member, nested archives too), legacy torch files
-and plain pickles, and folder formats file by file; formats without pickle are trivially safe.
+``scan`` finds every pickle a file holds, whatever its name or container (``containers.py``:
+torch zip archives as torch reads them, legacy and tar-era torch files, plain pickles, numpy
+object arrays, 7z archives), walks each with the same pickle machine the restricted unpickler
+runs (``pickles.py``), and classifies the globals. A folder is scanned file by file: every file
+that holds a pickle is covered. A damaged pickle still reports the globals before the damage.
 """
 from __future__ import annotations
 
-import io
+import mmap
 import os
-import pickletools
-import zipfile
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from torchkeep.errors import CorruptCheckpointError, FormatError
-from torchkeep.read.unpickler import GlobalRef, classify, py3_name
+from torchkeep.read import containers as C
+from torchkeep.read import pickles
+from torchkeep.errors import CorruptCheckpointError, FormatError, LimitExceededError
+from torchkeep.read.unpickler import GlobalRef, global_ref
 
-# --- the scanner ----------------------------------------------------------------------------
-
-_STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING",
-                         "BINSTRING", "SHORT_BINSTRING"})
-_MARK = object()
+MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+# Names of files that hold pickles in the wild (plus anything that starts like one).
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".npy", ".npz", ".7z",
+                   ".joblib", ".tar", ".zip", ".mar", ".distcp", ".data", ".model", ".dat")
 
 
 def scan_pickle(data: bytes, member: str = "") -> tuple[list[GlobalRef], str | None]:
-    """Every global a pickle imports, found by walking its opcodes (nothing is executed).
-
-    Follows the stack so that ``STACK_GLOBAL`` names built from memoized strings resolve;
-    a name that is computed at load time is reported as ``?.?`` (unsafe). Returns the globals
-    and an error message if the pickle is damaged (globals found before the damage are kept).
-    """
-    found: list[GlobalRef] = []
-    stack: list[Any] = []
-    memo: dict[int, Any] = {}
-
-    def record(module: Any, name: Any) -> None:
-        if isinstance(module, str) and isinstance(name, str):
-            module, name = py3_name(module, name)
-            found.append(GlobalRef(module, name, member, classify(module, name)))
-        else:
-            found.append(GlobalRef("?", "?", member, "unsafe"))
-
-    try:
-        for op, arg, _pos in pickletools.genops(data):
-            name = op.name
-            if name in ("GLOBAL", "INST"):
-                module, _, gname = str(arg).partition(" ")
-                record(module, gname)
-            if name == "STACK_GLOBAL":
-                gname = stack.pop() if stack else None
-                module = stack.pop() if stack else None
-                record(module, gname)
-                stack.append(None)
-                continue
-            if name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                memo[arg] = stack[-1] if stack else None
-                continue
-            if name == "MEMOIZE":
-                memo[len(memo)] = stack[-1] if stack else None
-                continue
-            if name in ("GET", "BINGET", "LONG_BINGET"):
-                stack.append(memo.get(arg))
-                continue
-            if name == "DUP":
-                stack.append(stack[-1] if stack else None)
-                continue
-            if name == "MARK":
-                stack.append(_MARK)
-                continue
-            before = op.stack_before
-            if pickletools.markobject in before:
-                n_below = before.index(pickletools.markobject)
-                while stack and stack.pop() is not _MARK:
-                    pass
-                del stack[len(stack) - min(n_below, len(stack)):]
-            else:
-                del stack[len(stack) - min(len(before), len(stack)):]
-            if name in _STRING_OPS:
-                stack.append(arg if isinstance(arg, str) else None)
-            else:
-                stack.extend([None] * len(op.stack_after))
-    except Exception as e:  # damaged pickle: keep what was found
-        return found, f"{type(e).__name__}: {e}"
-    return found, None
+    """Every global one pickle imports, found by walking its opcodes (nothing is executed), and
+    an error message if the pickle is damaged (globals found before the damage are kept)."""
+    res = pickles.scan(data, member=member or None)
+    err = res.error or (str(res.limit) if res.limit else None)
+    return [global_ref(f.module, f.name, member) for f in res.found], err
 
 
 @dataclass
 class ScanReport:
-    """What importing a checkpoint's pickles would pull in, without importing anything.
+    """What loading a checkpoint's pickles would import, found without importing anything.
 
-    ``safe`` is True only when every global is on the allowlist: 'unknown' globals are not
-    dangerous by name but loading them with torch.load would import and run their module.
+    ``safe`` is True only when every global is on the allowlist, nothing is damaged and every
+    pickle could be looked into: 'unknown' globals are not dangerous by name but loading them
+    with torch.load would import and run their module. ``uninspected`` lists pickles that could
+    not be read (encrypted members, 7z without py7zr): unsafe to load. ``notes`` say what is odd
+    about a container even where it did not stop the scan.
     """
 
     path: str
@@ -100,138 +52,207 @@ class ScanReport:
     unknown: list[GlobalRef] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     pickles: list[str] = field(default_factory=list)
+    uninspected: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    limit: LimitExceededError | None = field(default=None, repr=False)
+
+    @property
+    def verdict(self) -> str:
+        """'unsafe' (exit 1), 'damaged' (exit 2) or 'safe' (exit 0)."""
+        if self.unsafe or self.unknown or self.uninspected:
+            return "unsafe"
+        return "damaged" if self.errors else "safe"
 
     def to_dict(self) -> dict[str, Any]:
         def g(lst):
             return [{"global": x.qualname, "member": x.member, "verdict": x.verdict} for x in lst]
-        return {"path": self.path, "format": self.format, "safe": self.safe,
+        return {"path": self.path, "format": self.format, "safe": self.safe, "verdict": self.verdict,
                 "globals": g(self.globals), "unsafe": g(self.unsafe), "unknown": g(self.unknown),
-                "errors": self.errors, "pickles": self.pickles}
+                "errors": self.errors, "pickles": self.pickles, "uninspected": self.uninspected,
+                "notes": self.notes}
+
+    def __str__(self) -> str:
+        lines = [f"{self.verdict}: {self.path} ({self.format}, {len(self.globals)} globals)"]
+        lines += [f"  unsafe  {g.qualname} in {g.member}" for g in self.unsafe]
+        lines += [f"  unknown {g.qualname} in {g.member}" for g in self.unknown]
+        lines += [f"  not inspected: {u}" for u in self.uninspected]
+        lines += [f"  damaged: {e}" for e in self.errors]
+        return "\n".join(lines)
 
 
-def _is_pickle(head: bytes) -> bool:
-    return len(head) >= 2 and head[0] == 0x80 and 1 <= head[1] <= 5
+# --- walking the pickles of one blob ----------------------------------------------------------
+
+def _walk(rep: ScanReport, data: Any, start: int, member: str) -> pickles.WalkResult:
+    res = pickles.scan(data, start, path=rep.path, member=member)
+    rep.pickles.append(member)
+    rep.globals.extend(global_ref(f.module, f.name, member) for f in res.found)
+    if res.limit is not None:
+        rep.errors.append(f"{member}: {res.limit.detail}")
+        rep.limit = rep.limit or res.limit
+    elif res.error is not None:
+        what = "damaged pickle" + (" (the globals before the damage would still be imported)"
+                                   if res.found else "")
+        rep.errors.append(f"{member}: {what}: {res.error}")
+    return res
 
 
-def _pickles_in_zip(source: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, bytes]]:
-    """Every pickle in a zip archive, and in zip archives stored inside it (3 levels deep)."""
-    out = []
-    with zipfile.ZipFile(source) as zf:
-        for info in zf.infolist():
-            if info.is_dir():
-                continue
-            with zf.open(info) as m:
-                head = m.read(4)
-            name = prefix + info.filename
-            if head[:4] == b"PK\x03\x04" and depth < 3:
-                out.extend(_pickles_in_zip(io.BytesIO(zf.read(info)), name + "!", depth + 1))
-            elif "/data/" in info.filename and not info.filename.endswith(".pkl"):
-                continue  # raw tensor bytes that may happen to start like a pickle
-            elif info.filename.endswith(".pkl") or _is_pickle(head):
-                out.append((name, zf.read(info)))
-    return out
+def _more(rep: ScanReport, data: Any, pos: int, member: str, n: int = 0) -> None:
+    """Further pickles after a blob's last expected one (``pickle.load`` called again would run
+    them; picklescan looks at them too): scanned while they parse."""
+    while pos < len(data) and n < 64:
+        probe = pickles.scan(data, pos)
+        if probe.error is not None and not probe.found:
+            return  # not a pickle: raw bytes after the last one
+        res = _walk(rep, data, pos, f"{member}+{n + 1}")
+        if res.end < 0:
+            return
+        pos, n = res.end, n + 1
 
 
-def _pickles_in_stream(path: str) -> list[tuple[str, bytes]]:
-    """Consecutive pickles at the start of a legacy torch file (magic, version, sys info,
-    the object, the storage keys); the raw storage bytes after them are not pickles."""
-    out = []
-    with open(path, "rb") as f:
-        data = f.read()
-    pos = 0
-    for i in range(5):
-        if not _is_pickle(data[pos:pos + 2]) and i > 0:
-            break
-        try:
-            end = None
-            for op, _arg, p in pickletools.genops(io.BytesIO(data[pos:])):
-                if op.name == "STOP":
-                    end = p + 1
-                    break
-        except Exception:
-            out.append((f"pickle {i}", data[pos:]))
-            break
-        if end is None:
-            out.append((f"pickle {i}", data[pos:]))
-            break
-        out.append((f"pickle {i}", data[pos:pos + end]))
-        pos += end
-    return out
+def _legacy_value(data: Any, start: int) -> Any:
+    from torchkeep.read.unpickler import restricted_walk
 
-
-def scan(path: str) -> ScanReport:
-    """List every global the pickles in ``path`` import, each classified safe/unsafe/unknown.
-
-    Works on torch zip archives (every pickle member, nested ones included), legacy torch
-    files, plain pickles, DCP folders and sharded folders (each file), and formats without
-    pickle (safetensors: trivially safe). Never imports or executes anything from the file.
-    """
-    from torchkeep.read.formats import detect
-
-    if os.path.isdir(path):
-        try:
-            cls = detect(path)
-            fmt = cls.format
-            files = cls(path).files()
-        except FormatError:
-            raise
-        if fmt == "dcp":
-            return _scan_dcp(path, cls(path))
-        # Files without a pickle inside (JSON manifests, safetensors shards) import nothing.
-        reports = [scan(f) for f in files if os.path.isfile(f) and _may_hold_pickle(f)]
-        rep = ScanReport(path=path, format=fmt, safe=all(r.safe for r in reports))
-        for r in reports:
-            rep.globals += r.globals
-            rep.unsafe += r.unsafe
-            rep.unknown += r.unknown
-            rep.errors += [f"{r.path}: {e}" for e in r.errors]
-            rep.pickles += [f"{os.path.basename(r.path)}:{p}" for p in r.pickles]
-        rep.safe = rep.safe and not rep.errors
-        return rep
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if not head:
-        raise FormatError("the file is empty", path=path)
-    if head[:4] == b"PK\x03\x04":
-        fmt = "torch-zip"
-        try:
-            pickles = _pickles_in_zip(path)
-        except zipfile.BadZipFile as e:
-            raise CorruptCheckpointError(f"zip archive is damaged: {e}", path=path,
-                                         hint="was the write interrupted?") from None
-    elif _is_pickle(head):
-        fmt = "pickle"
-        pickles = _pickles_in_stream(path)
-    else:
-        fmt = _non_pickle_format(path, head)
-        return ScanReport(path=path, format=fmt, safe=True)
-    rep = ScanReport(path=path, format=fmt, safe=True)
-    for member, data in pickles:
-        found, err = scan_pickle(data, member)
-        rep.pickles.append(member)
-        rep.globals.extend(found)
-        if err:
-            rep.errors.append(f"{member}: damaged pickle ({err})")
-    _classify_into(rep)
-    return rep
-
-
-def _scan_dcp(path: str, reader: Any) -> ScanReport:
-    """A DCP folder: its ``.metadata`` pickle and every torch.save blob packed back to back in
-    the ``.distcp`` files (a zip scanner would see only the last one); the DCP reader walks them
-    all with the restricted unpickler, which records each global it meets."""
-    rep = ScanReport(path=path, format="dcp", safe=True, pickles=[os.path.basename(f) for f in reader.files()])
     try:
-        reader.read_tree()
-        rep.globals = list(reader.globals())
-    except (CorruptCheckpointError, FormatError) as e:
-        rep.errors.append(str(e))
-    _classify_into(rep)
+        return restricted_walk(data, start)[0]
+    except Exception:  # not a plain value: the magic number check fails, as torch's would
+        return None
+
+
+def _scan_blob(rep: ScanReport, blob: C.Blob) -> None:
+    data, name = blob.data, blob.name
+    if blob.layout == "legacy":
+        # torch.load on a non-zip file unpickles the first pickle (the magic number) with full
+        # pickle semantics; only when it is the magic number does it go on to four more.
+        res = _walk(rep, data, 0, f"{name}pickle 0" if name else "pickle 0")
+        if res.end < 0:
+            return
+        if _legacy_value(data, 0) != MAGIC_NUMBER:
+            _more(rep, data, res.end, name + "pickle 0")
+            return
+        pos = res.end
+        for i, label in enumerate(("protocol", "sys info", "object", "storage keys")):
+            res = _walk(rep, data, pos, f"{name}{label}")
+            if res.end < 0:
+                return
+            pos = res.end
+        return
+    if blob.layout.startswith("tar:"):
+        _scan_tar_member(rep, blob)
+        return
+    res = _walk(rep, data, blob.start, name)
+    if res.end >= 0:
+        _more(rep, data, res.end, name)
+
+
+def _scan_tar_member(rep: ScanReport, blob: C.Blob) -> None:
+    """A tar-era member: 'storages' and 'tensors' interleave pickles with raw records."""
+    import struct
+
+    data, name, kind = blob.data, blob.name, blob.layout[4:]
+    res = _walk(rep, data, 0, name)
+    if res.end < 0 or kind not in ("storages", "tensors"):
+        if res.end >= 0:
+            _more(rep, data, res.end, name)
+        return
+    count = _legacy_value(data, 0)
+    pos = res.end
+    try:
+        for i in range(int(count) if isinstance(count, int) else 0):
+            res = _walk(rep, data, pos, f"{name}[{i}]")
+            if res.end < 0:
+                return
+            if kind == "storages":
+                args = _legacy_value(data, pos)
+                itemsize = args[2].dtype.itemsize
+                (n,) = struct.unpack("<q", bytes(data[res.end:res.end + 8]))
+                pos = res.end + 8 + n * itemsize
+            else:
+                (ndim,) = struct.unpack("<i", bytes(data[res.end:res.end + 4]))
+                pos = res.end + 8 + 16 * ndim + 8
+        _more(rep, data, pos, name)
+    except Exception as e:  # a layout torchkeep cannot follow: the rest is not looked at
+        rep.uninspected.append(f"{name} after byte {pos} (tar-era layout not followed: {type(e).__name__})")
+
+
+# --- files and folders --------------------------------------------------------------------------
+
+def _torch_view(path: str, found: C.Found) -> None:
+    """The data.pkl torch's own reader returns, when it differs from every member scanned."""
+    import torch
+
+    from torchkeep.read import limits as _limits
+
+    try:
+        reader = torch._C.PyTorchFileReader(path)
+        if not reader.has_record("data.pkl"):
+            return
+        if reader.get_record_size("data.pkl") > _limits.current().pickle_bytes:
+            raise _limits.exceeded("pickle_bytes", "data.pkl as torch reads it", path=path)
+        data = bytes(reader.get_record("data.pkl"))
+    except RuntimeError as e:
+        found.notes.append(f"torch's reader refuses this archive ({str(e).splitlines()[0][:200]})")
+        return
+    if any(bytes(b.data[b.start:]) == data for b in found.blobs if isinstance(b.data, bytes)):
+        return
+    found.notes.append("torch's reader sees a data.pkl that differs from the archive's members "
+                       "(the archive is ambiguous); it is scanned as 'data.pkl (as torch reads it)'")
+    found.blobs.append(C.Blob("data.pkl (as torch reads it)", data))
+
+
+def _collect(path: str, budget: C.Budget, tmp: str) -> tuple[str, C.Found]:
+    """The format of a single file and every pickle in it."""
+    found = C.Found()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise FormatError("the file is empty", path=path)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    head = bytes(mm[:512])
+    if head[:4] == C.ZIP_MAGIC:
+        C.zip_pickles(mm, path, budget, found=found)
+        _torch_view(path, found)
+        return "torch-zip", found
+    if head[:6] == C.NPY_MAGIC:
+        C.npy_pickle(mm, "", path, found)
+        return "npy", found
+    if head[:6] == C.SEVENZ_MAGIC:
+        for f in C.sevenz_files(path, tmp, found):
+            _, inner = _collect(f, budget, tempfile.mkdtemp(dir=tmp))
+            rel = os.path.relpath(f, tmp) + "!"
+            for b in inner.blobs:
+                b.name = rel + b.name
+            found.blobs += inner.blobs
+            found.notes += inner.notes
+            found.uninspected += inner.uninspected
+        return "7z", found
+    if C.is_tar(head):
+        C.tar_pickles(path, "", path, found)
+        return "torch-tar", found
+    probe = pickles.scan(mm, 0)
+    if probe.found or probe.end >= 0:
+        found.blobs.append(C.Blob("", mm, 0, layout="legacy"))
+        return "pickle", found
+    return "", found
+
+
+def _scan_file(path: str, budget: C.Budget) -> ScanReport:
+    with tempfile.TemporaryDirectory(prefix="torchkeep-scan-") as tmp:
+        fmt, found = _collect(path, budget, tmp)
+        if not fmt:
+            from torchkeep.read.formats import detect
+
+            return ScanReport(path=path, format=detect(path).format, safe=True)
+        rep = ScanReport(path=path, format=fmt, safe=True, notes=list(found.notes),
+                         uninspected=list(found.uninspected))
+        for blob in found.blobs:
+            _scan_blob(rep, blob)
+    _finish(rep)
     return rep
 
 
-def _classify_into(rep: ScanReport) -> None:
+def _finish(rep: ScanReport) -> None:
     seen = set()
+    rep.unsafe, rep.unknown = [], []
     for g in rep.globals:
         if (g.qualname, g.verdict) in seen:
             continue
@@ -240,16 +261,88 @@ def _classify_into(rep: ScanReport) -> None:
             rep.unsafe.append(g)
         elif g.verdict == "unknown":
             rep.unknown.append(g)
-    rep.safe = not rep.unsafe and not rep.unknown and not rep.errors
+    rep.errors += [n for n in rep.notes if "CRC mismatch" in n or "disagree" in n]
+    rep.safe = rep.verdict == "safe"
 
 
 def _may_hold_pickle(path: str) -> bool:
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        return True
     with open(path, "rb") as f:
-        head = f.read(4)
-    return head[:4] == b"PK\x03\x04" or _is_pickle(head)
+        head = f.read(512)
+    return head[:4] == C.ZIP_MAGIC or head[:6] in (C.NPY_MAGIC, C.SEVENZ_MAGIC) or \
+        (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or C.is_tar(head)
 
 
-def _non_pickle_format(path: str, head: bytes) -> str:
+def _scan_folder(path: str) -> ScanReport:
     from torchkeep.read.formats import detect
 
-    return detect(path).format
+    try:
+        cls = detect(path)
+        fmt, reader = cls.format, cls(path)
+    except FormatError:
+        fmt, reader = "folder", None
+    rep = ScanReport(path=path, format=fmt, safe=True)
+    covered: set[str] = set()
+    if fmt == "dcp":
+        sub = _scan_dcp(path, reader)
+        covered = {os.path.abspath(f) for f in reader.files()}
+        _merge(rep, sub, "")
+    budget = C.Budget()
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            if os.path.abspath(full) in covered or os.path.islink(full) or not _may_hold_pickle(full):
+                continue
+            try:
+                sub = _scan_file(full, budget)
+            except LimitExceededError:
+                raise
+            except (FormatError, CorruptCheckpointError) as e:
+                if full.lower().endswith((".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt")):
+                    rep.errors.append(str(e))
+                continue
+            _merge(rep, sub, os.path.relpath(full, path))
+    _finish(rep)
+    return rep
+
+
+def _merge(rep: ScanReport, sub: ScanReport, rel: str) -> None:
+    tag = f"{rel}:" if rel else ""
+    rep.globals += [GlobalRef(g.module, g.name, tag + g.member, g.verdict) for g in sub.globals]
+    rep.errors += [f"{tag}{e}" for e in sub.errors]
+    rep.pickles += [f"{tag}{p}" for p in sub.pickles]
+    rep.uninspected += [f"{tag}{u}" for u in sub.uninspected]
+    rep.notes += [f"{tag}{n}" for n in sub.notes]
+    rep.limit = rep.limit or sub.limit
+
+
+def scan(path: str) -> ScanReport:
+    """List every global the pickles in ``path`` import, each classified safe/unsafe/unknown.
+
+    Covers every pickle a file holds whatever its name or container, and every such file in a
+    folder; formats without pickle (safetensors) are trivially safe. Never imports or executes
+    anything from the file. Input over a limit (``torchkeep.limits``) raises LimitExceededError
+    unless an unsafe global was already found (then the report says unsafe and names the limit).
+    """
+    if not os.path.exists(path):
+        raise FormatError("no such file or folder", path=path)
+    rep = _scan_folder(path) if os.path.isdir(path) else _scan_file(path, C.Budget())
+    if rep.limit is not None and rep.verdict != "unsafe":
+        raise rep.limit
+    return rep
+
+
+def _scan_dcp(path: str, reader: Any) -> ScanReport:
+    """A DCP folder: its ``.metadata`` pickle and every torch.save blob packed back to back in
+    the ``.distcp`` files; the DCP reader walks them all with the restricted unpickler (the same
+    pickle machine), which records each global it meets."""
+    rep = ScanReport(path=path, format="dcp", safe=True, pickles=[os.path.basename(f) for f in reader.files()])
+    try:
+        reader.read_tree()
+        rep.globals = list(reader.globals())
+    except (CorruptCheckpointError, FormatError) as e:
+        rep.errors.append(str(e))
+    _finish(rep)
+    return rep

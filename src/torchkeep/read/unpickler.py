@@ -1,26 +1,28 @@
 """Reading pickles without running them: the allowlist, the classification of globals and the
-restricted unpickler (the opcode scanner that lists a file's globals is ``scanning.py``).
+restricted unpickler (the pickle machine itself, shared with the scanner, is ``pickles.py``).
 
-The unpickler resolves only an allowlist of globals (tensor and storage rebuild functions,
-builtin containers, dtypes, numpy arrays as data). Every other global becomes a placeholder
-class; instances of it (:class:`Opaque`) record their arguments and state, so the tensors inside
-a whole-model pickle or a malicious file can still be listed, and nothing is imported.
+The unpickler resolves only an allowlist of globals. Each allowlisted callable is a
+:class:`Builder` that checks its arguments and builds only data (tensor references, containers,
+dtypes, numpy arrays of plain dtypes); none returns a callable or an attribute chosen by the file.
+Every other global becomes a placeholder class; instances of it (:class:`Opaque`) record their
+arguments and state, so the tensors inside a whole-model pickle or a malicious file can still be
+listed, and nothing is imported. The result is then checked for nesting depth and size
+(``limits.py``) so that no later walk over it recurses without bound or expands a shared DAG.
 """
 from __future__ import annotations
 
 import _compat_pickle
 import collections
-import copyreg
-import io
-import pickle
-import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
-import torch
-
-from torchkeep.errors import CorruptCheckpointError, FormatError
-from torchkeep.read.formats.base import TensorRef, ref_of
+from torchkeep.read import limits as _limits
+from torchkeep.read.allowlist import ALLOWED as _ALLOWED, SAFE_DATA as _SAFE_DATA, SETTABLE as _SETTABLE
+from torchkeep.read.allowlist import SAFE_UNSUPPORTED as _SAFE_UNSUPPORTED, Builder
+from torchkeep.errors import CorruptCheckpointError
+from torchkeep.read.pickles import PickleError, PickleMachine
+from torchkeep.read.placeholders import (Opaque, StorageRef, StorageType, _placeholder, module_children,  # noqa: F401
+                           storage_from_pid)
 
 # --- classification -------------------------------------------------------------------------
 
@@ -87,396 +89,112 @@ def classify(module: str, name: str) -> str:
     return "unknown"
 
 
-# --- placeholders ---------------------------------------------------------------------------
-
-class Opaque:
-    """An instance of a class that was not imported: what the pickle said about it.
-
-    ``args`` are the constructor arguments, ``state`` the BUILD state (usually the object's
-    ``__dict__``), ``items``/``dict_items`` what was appended or set on it.
-    """
-
-    global_name: ClassVar[str] = "?"
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> "Opaque":
-        obj = object.__new__(cls)
-        obj.__dict__.update(args=args, kwargs=kwargs, state=None, items=[], dict_items={})
-        return obj
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        self.__dict__["state"] = state
-
-    def append(self, item: Any) -> None:
-        self.items.append(item)
-
-    def extend(self, items: Any) -> None:
-        self.items.extend(items)
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self.dict_items[key] = value
-
-    def __call__(self, *args: Any, **kwargs: Any) -> "Opaque":
-        # A placeholder instance used as a callable (e.g. the result of a getattr gadget).
-        return _placeholder("?", f"call of {self.global_name}")(*args, **kwargs)
-
-    def __reduce__(self):  # pragma: no cover - placeholders must never be re-pickled as real
-        raise TypeError(f"{self.global_name} was not imported and cannot be pickled again")
-
-    def __repr__(self) -> str:
-        return f"<{self.global_name} (not imported)>"
-
-
-_PLACEHOLDERS: dict[str, type] = {}
-
-
-def _placeholder(module: str, name: str) -> type:
-    full = f"{module}.{name}"
-    cls = _PLACEHOLDERS.get(full)
-    if cls is None:
-        cls = type(name.replace(".", "_") or "global", (Opaque,),
-                   {"global_name": full, "__module__": "torchkeep.placeholders"})
-        _PLACEHOLDERS[full] = cls
-    return cls
-
-
-def module_children(obj: Any) -> dict[str, Any] | None:
-    """The parameters, persistent buffers and submodules of a placeholder ``nn.Module``
-    (as stored in its pickled ``__dict__``), in registration order; None if not a module."""
-    if not isinstance(obj, Opaque):
-        return None
-    state = obj.state
-    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
-        state = state[0]
-    if not isinstance(state, dict) or "_parameters" not in state or "_modules" not in state:
-        return None
-    out: dict[str, Any] = {}
-    skip = state.get("_non_persistent_buffers_set") or set()
-    for k, v in (state.get("_parameters") or {}).items():
-        if v is not None:
-            out[k] = v
-    for k, v in (state.get("_buffers") or {}).items():
-        if v is not None and k not in skip:
-            out[k] = v
-    for k, v in (state.get("_modules") or {}).items():
-        if v is not None:
-            out[k] = v
-    return out
-
-
-# --- the allowlist --------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class StorageType:
-    """What a pickled storage class (torch.FloatStorage, torch.UntypedStorage) means: a dtype."""
-
-    dtype: torch.dtype
-    untyped: bool = False
-
-
-@dataclass
-class StorageRef:
-    """A storage named by a persistent id; the reader resolves its bytes."""
-
-    reader: Any
-    key: str
-    dtype: torch.dtype
-    numel: int
-    location: str
-    offset: int = 0  # in elements of dtype, for legacy storage views
-
-
-def storage_from_pid(pid: Any, reader: Any, storages: dict[str, StorageRef], *, path: str,
-                     fields: int) -> tuple[str, StorageRef | None, tuple]:
-    """Interpret a torch persistent id ``('storage', type, key, location, numel, ...)``.
-
-    Returns (typename, the storage, for 'storage' ids, shared through ``storages`` by key, and
-    the fields after numel). ``fields`` is how many fields a 'storage' id must have."""
-    if not isinstance(pid, tuple) or not pid:
-        raise CorruptCheckpointError(f"malformed persistent id {pid!r}", path=path)
-    typename = pid[0].decode("ascii") if isinstance(pid[0], bytes) else pid[0]
-    if typename != "storage":
-        return typename, None, pid[1:]
-    if len(pid) < fields:
-        raise CorruptCheckpointError(f"persistent id {pid!r} has {len(pid)} fields, expected {fields}",
-                                     path=path)
-    storage_type, key, location, numel = pid[1:5]
-    if not isinstance(storage_type, StorageType):
-        raise CorruptCheckpointError(f"storage {key!r} has unknown type {storage_type!r}", path=path)
-    key = str(key)
-    ref = storages.get(key)
-    if ref is None:
-        ref = StorageRef(reader, key, storage_type.dtype, int(numel), str(location))
-        storages[key] = ref
-    return typename, ref, pid[5:]
-
-
-def _tensor_ref(storage: Any, storage_offset: int, size: Any, stride: Any, requires_grad: bool,
-                dtype: torch.dtype | None = None) -> Any:
-    if not isinstance(storage, StorageRef):
-        return _placeholder("torch._utils", "_rebuild_tensor")(storage, storage_offset, size, stride)
-    return TensorRef(shape=tuple(size), dtype=dtype or storage.dtype, reader=storage.reader,
-                     key=storage.key, storage=storage.key, offset=storage_offset + storage.offset,
-                     stride=tuple(stride), requires_grad=bool(requires_grad),
-                     location=storage.location)
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride):
-    return _tensor_ref(storage, storage_offset, size, stride, False)
-
-
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
-    return _tensor_ref(storage, storage_offset, size, stride, requires_grad)
-
-
-def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks,
-                       dtype, metadata=None):
-    return _tensor_ref(storage, storage_offset, size, stride, requires_grad, dtype)
-
-
-def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
-    if isinstance(data, TensorRef):
-        data.is_parameter = True
-        data.requires_grad = bool(requires_grad)
-    return data
-
-
-def _rebuild_from_type_v2(func, new_type, args, state):
-    obj = func(*args)
-    if type(obj).__name__ == "WrapperShell":  # a torchao tensor: see _rebuild_wrapper_subclass
-        from torchkeep.read.formats.quantized import torchao_ref
-
-        ref = torchao_ref(obj, state)
-        if ref is not None:
-            return ref
-        obj = _placeholder("torch._utils", "_rebuild_wrapper_subclass")(obj)
-    if isinstance(new_type, type) and issubclass(new_type, Opaque):
-        wrapped = new_type(obj)
-        wrapped.__setstate__(state)
-        return wrapped
-    return obj
-
-
-def _memory_tensor(t: torch.Tensor) -> Any:
-    return ref_of(t)
-
-
-def _rebuild_meta_tensor_no_storage(dtype, size, stride, requires_grad):
-    return _memory_tensor(torch.empty_strided(size, stride, dtype=dtype, device="meta"))
-
-
-def _rebuild_device_tensor_from_numpy(data, dtype, device, requires_grad):
-    import numpy as np
-
-    if not isinstance(data, np.ndarray) or data.dtype == object:
-        return _placeholder("torch._utils", "_rebuild_device_tensor_from_numpy")(data, dtype, device)
-    return _memory_tensor(torch.from_numpy(data.copy()).to(dtype))
-
-
-def _reconstructor(cls, base, state):
-    """copyreg._reconstructor for allowlisted types; placeholders stay placeholders."""
-    if isinstance(cls, type) and issubclass(cls, Opaque):
-        return cls(base, state) if state is not None else cls()
-    if isinstance(base, type) and issubclass(base, Opaque):
-        return _placeholder(getattr(cls, "__module__", "?"), getattr(cls, "__name__", "?"))()
-    return copyreg._reconstructor(cls, base, state)
-
-
-def _newobj(cls, *args):
-    return cls.__new__(cls, *args)
-
-
-def _storage_types() -> dict[str, StorageType]:
-    out = {}
-    for name in dir(torch):
-        if name.endswith("Storage") and name not in ("Storage", "TypedStorage", "UntypedStorage"):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    dtype = getattr(torch, name).dtype
-            except Exception:  # pragma: no cover - exotic storage classes
-                continue
-            if isinstance(dtype, torch.dtype):
-                out[f"torch.{name}"] = StorageType(dtype)
-    out["torch.UntypedStorage"] = StorageType(torch.uint8, untyped=True)
-    out["torch.storage.UntypedStorage"] = StorageType(torch.uint8, untyped=True)
-    out["torch.storage._LegacyStorage"] = StorageType(torch.uint8, untyped=True)
-    return out
-
-
-def _build_allowed() -> dict[str, Any]:
-    allowed: dict[str, Any] = {
-        "collections.OrderedDict": collections.OrderedDict,
-        "collections.defaultdict": _placeholder("collections", "defaultdict"),
-        "torch._utils._rebuild_tensor": _rebuild_tensor,
-        "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
-        "torch._utils._rebuild_tensor_v3": _rebuild_tensor_v3,
-        "torch._utils._rebuild_parameter": _rebuild_parameter,
-        "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
-        "torch._utils._rebuild_meta_tensor_no_storage": _rebuild_meta_tensor_no_storage,
-        "torch._utils._rebuild_device_tensor_from_numpy": _rebuild_device_tensor_from_numpy,
-        "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
-        "torch._tensor._rebuild_from_type": lambda func, type_, args, dict_: func(*args),
-        "torch.Size": torch.Size,
-        "torch.device": torch.device,
-        "torch.Tensor": torch.Tensor,
-        "torch.nn.parameter.Parameter": torch.nn.Parameter,
-        "torch.serialization._get_layout": lambda name: getattr(torch, name.split(".")[-1]),
-        "copyreg._reconstructor": _reconstructor,
-        "copy_reg._reconstructor": _reconstructor,
-        "copyreg.__newobj__": _newobj,
-        "_codecs.encode": __import__("codecs").encode,
-        "builtins.complex": complex,
-        "builtins.slice": slice,
-        "builtins.set": set,
-        "builtins.frozenset": frozenset,
-        "builtins.bytearray": bytearray,
-        "builtins.object": object,
-        "builtins.dict": dict,
-        "builtins.list": list,
-        "builtins.tuple": tuple,
-        "builtins.int": int,
-        "builtins.float": float,
-        "builtins.bool": bool,
-        "builtins.str": str,
-        "builtins.bytes": bytes,
-        "builtins.range": range,
-    }
-    for name in dir(torch):
-        obj = getattr(torch, name, None)
-        if isinstance(obj, torch.dtype):
-            allowed[f"torch.{name}"] = obj
-    for layout in ("strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc",
-                   "_mkldnn", "jagged"):
-        if hasattr(torch, layout):
-            allowed[f"torch.{layout}"] = getattr(torch, layout)
-    for mf in ("contiguous_format", "channels_last", "channels_last_3d", "preserve_format"):
-        allowed[f"torch.{mf}"] = getattr(torch, mf)
-    allowed.update(_storage_types())
-    try:
-        import numpy as np
-        for core in ("numpy.core.multiarray", "numpy._core.multiarray"):
-            allowed[f"{core}._reconstruct"] = _np_reconstruct
-            allowed[f"{core}.scalar"] = _np_scalar
-        allowed["numpy.ndarray"] = np.ndarray
-        allowed["numpy.dtype"] = np.dtype
-        for name in dir(getattr(np, "dtypes", None) or ()):
-            if name.endswith("DType"):
-                allowed[f"numpy.dtypes.{name}"] = getattr(np.dtypes, name)
-        import numpy.random._pickle as nrp
-        for name in ("__randomstate_ctor", "__bit_generator_ctor", "__generator_ctor"):
-            if hasattr(nrp, name):
-                allowed[f"numpy.random._pickle.{name}"] = getattr(nrp, name)
-    except ImportError:  # pragma: no cover - numpy is optional
-        pass
-    return allowed
-
-
-def _np_reconstruct(subtype, shape, dtype):
-    import numpy as np
-
-    if subtype is not np.ndarray:
-        return _placeholder("numpy", "ndarray subclass")(shape, dtype)
-    return np.ndarray.__new__(np.ndarray, shape, dtype)
-
-
-def _np_scalar(dtype, data=None):
-    import numpy as np
-
-    if not isinstance(dtype, np.dtype) or dtype.hasobject:
-        return _placeholder("numpy.core.multiarray", "scalar")(dtype, data)
-    return np.frombuffer(data, dtype=dtype, count=1)[0] if data is not None else dtype.type()
-
-
-# Globals that are part of torch's own serialization but that the lazy reader does not rebuild
-# (sparse, quantized, nested and wrapper-subclass tensors): safe to import, left as placeholders.
-_SAFE_UNSUPPORTED = frozenset({
-    "torch._utils._rebuild_sparse_tensor", "torch._utils._rebuild_qtensor",
-    "torch._utils._rebuild_nested_tensor", "torch._utils._rebuild_wrapper_subclass",
-    "torch._utils._rebuild_xla_tensor", "torch._utils._rebuild_device_tensor_from_cpu_tensor",
-    "torch.per_tensor_affine", "torch.per_channel_affine", "torch.per_tensor_symmetric",
-    "torch.per_channel_symmetric", "torch.per_channel_affine_float_qparams",
-})
-
-# Classes that only hold data (constructing them and setting their state runs nothing of
-# consequence): DCP's metadata records, paths, torchkeep's own frozen-BatchNorm marker. The reader
-# still leaves them as placeholders and reads their fields as data; scan calls them safe.
-_SAFE_DATA = frozenset({
-    *(f"torch.distributed.checkpoint.metadata.{n}" for n in (
-        "Metadata", "TensorStorageMetadata", "ChunkStorageMetadata", "BytesStorageMetadata",
-        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
-    "torch.distributed.checkpoint.filesystem._StorageInfo",
-    "pathlib.PosixPath", "pathlib.PurePosixPath", "pathlib.WindowsPath", "pathlib.PureWindowsPath",
-    "torchkeep.shape.EvalLock",
-})
-
-_ALLOWED: dict[str, Any] = _build_allowed()
-
-
-# --- quantized tensors as data (torch.ao quantized tensors, torchao subclasses) ---------------
-
-def _rebuild_qtensor(storage, storage_offset, size, stride, quantizer_params, requires_grad=False,
-                     backward_hooks=None):
-    from torchkeep.read.formats.quantized import qtensor_ref
-
-    ref = _tensor_ref(storage, storage_offset, size, stride, requires_grad)
-    out = qtensor_ref(ref, quantizer_params, requires_grad) if isinstance(ref, TensorRef) else None
-    if out is None:
-        return _placeholder("torch._utils", "_rebuild_qtensor")(storage, storage_offset, size, stride,
-                                                                quantizer_params)
-    return out
-
-
-def _rebuild_wrapper_subclass(cls, dtype, size, stride, storage_offset, layout, device,
-                              requires_grad):
-    from torchkeep.read.formats.quantized import WrapperShell
-
-    name = getattr(cls, "global_name", None)
-    if name is None or not isinstance(dtype, torch.dtype):
-        return _placeholder("torch._utils", "_rebuild_wrapper_subclass")(cls, dtype, size)
-    return WrapperShell(name, dtype, tuple(size), tuple(stride) if stride is not None else None,
-                        int(storage_offset), bool(requires_grad))
-
-
-def _quantized_rebuilds() -> dict[str, Any]:
-    out: dict[str, Any] = {"torch._utils._rebuild_qtensor": _rebuild_qtensor,
-                           "torch._utils._rebuild_wrapper_subclass": _rebuild_wrapper_subclass}
-    for q in ("per_tensor_affine", "per_channel_affine", "per_tensor_symmetric",
-              "per_channel_symmetric", "per_channel_affine_float_qparams"):
-        out[f"torch.{q}"] = getattr(torch, q)
-    return out
-
-
-_ALLOWED.update(_quantized_rebuilds())
-
-
 # --- the restricted unpickler ---------------------------------------------------------------
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles with the allowlist; records every global it meets in ``self.seen``."""
+def _resolve(module: str, name: str) -> Any:
+    module, name = py3_name(module, name)
+    full = f"{module}.{name}"
+    if full in _ALLOWED:
+        return _ALLOWED[full]
+    return _placeholder(module, name)
 
-    def __init__(self, file: Any, *, member: str = "",
-                 persistent_load: Callable[[Any], Any] | None = None) -> None:
-        super().__init__(file, encoding="utf-8")
-        self.member = member
-        self.seen: list[GlobalRef] = []
-        self._pload = persistent_load
 
-    def find_class(self, module: str, name: str) -> Any:
-        module, name = py3_name(module, name)
-        full = f"{module}.{name}"
-        self.seen.append(GlobalRef(module, name, self.member, classify(module, name)))
-        if full in _ALLOWED:
-            return _ALLOWED[full]
-        return _placeholder(module, name)
+def _call(fn: Any, args: tuple, kwargs: dict) -> Any:
+    """The only calls the restricted unpickler makes: Builders and placeholders."""
+    if isinstance(fn, Builder) or (isinstance(fn, type) and issubclass(fn, Opaque)) or \
+            isinstance(fn, Opaque):
+        return fn(*args, **kwargs)
+    raise PickleError(f"{fn!r} is not callable in a checkpoint")
 
-    def persistent_load(self, pid: Any) -> Any:
-        if self._pload is None:
-            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
-        return self._pload(pid)
+
+def _build_state(inst: Any, state: Any) -> None:
+    if isinstance(inst, Opaque):
+        inst.__setstate__(state)
+    elif isinstance(inst, _SETTABLE):
+        inst.__setstate__(state)
+    elif type(inst) is collections.OrderedDict and type(state) is dict and \
+            all(type(k) is str for k in state):
+        inst.__dict__.update(state)  # a state_dict's ``_metadata`` attribute
+    else:
+        raise PickleError(f"cannot set the state of a {type(inst).__name__}")
+
+
+def _kids(obj: Any) -> list | None:
+    t = type(obj)
+    if t is dict or isinstance(obj, dict):
+        return [*obj.keys(), *obj.values()]
+    if t in (list, tuple, set, frozenset) or isinstance(obj, (list, tuple)):
+        return list(obj)
+    if isinstance(obj, Opaque):
+        d = obj.__dict__
+        return [d.get("args"), d.get("kwargs"), d.get("state"), d.get("items"), d.get("dict_items")]
+    if _SETTABLE and isinstance(obj, _SETTABLE[0]) and obj.dtype.hasobject:
+        return list(obj.ravel().tolist())
+    return None
+
+
+def check_graph(root: Any, *, path: str | None = None, member: str | None = None) -> None:
+    """Refuse an unpickled object nested deeper than ``limits.depth`` or with more than
+    ``limits.nodes`` objects once shared ones are counted per use (a memo "billion laughs"),
+    walking it with an explicit stack. Cycles are allowed (the tree walkers handle them)."""
+    lim = _limits.current()
+    done: dict[int, tuple[int, int]] = {}
+    active: set[int] = set()
+    todo: list[tuple[Any, bool]] = [(root, False)]
+    while todo:
+        obj, post = todo.pop()
+        oid = id(obj)
+        if post:
+            active.discard(oid)
+            size, depth = 1, 0
+            for k in _kids(obj) or ():
+                r = done.get(id(k))
+                if r is None:
+                    size += 1
+                else:
+                    size += r[0]
+                    depth = max(depth, r[1])
+            depth += 1
+            if depth > lim.depth:
+                raise _limits.exceeded("depth", f"the pickle nests objects more than {lim.depth} deep",
+                                       path=path, entry=member)
+            if size > lim.nodes:
+                raise _limits.exceeded("nodes", f"the pickle expands to more than {lim.nodes:,} objects",
+                                       path=path, entry=member)
+            done[oid] = (size, depth)
+            continue
+        if oid in done or oid in active:
+            continue
+        kids = _kids(obj)
+        if kids is None:
+            continue
+        active.add(oid)
+        todo.append((obj, True))
+        todo.extend((k, False) for k in kids if id(k) not in done and id(k) not in active)
+
+
+def restricted_walk(data: Any, start: int = 0, *, path: str = "", member: str = "",
+                    persistent_load: Callable[[Any], Any] | None = None) -> tuple[Any, list[GlobalRef], int]:
+    """Unpickle the pickle at ``start`` in ``data`` (bytes or mmap) with the allowlist: the
+    object, the globals it imported and the offset just past it. Damage raises
+    CorruptCheckpointError; input over a limit raises LimitExceededError."""
+    m = PickleMachine(data, start, resolve=_resolve, persistent_load=persistent_load, call=_call,
+                      build_state=_build_state, path=path or None, member=member or None)
+    res = m.run()
+    seen = [global_ref(f.module, f.name, member) for f in res.found]
+    if res.limit is not None:
+        raise res.limit
+    if res.error is not None:
+        hint = "file truncated?" if "truncated" in res.error else "the file is damaged or not a checkpoint"
+        raise CorruptCheckpointError(f"the pickle cannot be read: {res.error}", path=path,
+                                     entry=member or None, hint=hint)
+    check_graph(res.value, path=path or None, member=member or None)
+    return res.value, seen, res.end
+
+
+def global_ref(module: str, name: str, member: str = "") -> GlobalRef:
+    module, name = py3_name(module, name)
+    return GlobalRef(module, name, member, classify(module, name))
 
 
 def restricted_loads(data: bytes, *, path: str = "", member: str = "",
@@ -487,32 +205,16 @@ def restricted_loads(data: bytes, *, path: str = "", member: str = "",
     return obj
 
 
-def restricted_load_with_globals(data: bytes | io.BufferedIOBase, *, path: str = "",
-                                 member: str = "",
+def restricted_load_with_globals(data: Any, *, path: str = "", member: str = "",
                                  persistent_load: Callable[[Any], Any] | None = None
                                  ) -> tuple[Any, list[GlobalRef]]:
     """Like :func:`restricted_loads` and also the globals the pickle imported."""
-    f = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    up = RestrictedUnpickler(f, member=member, persistent_load=persistent_load)
-    try:
-        obj = up.load()
-    except (CorruptCheckpointError, FormatError):
-        raise
-    except MemoryError:
-        raise CorruptCheckpointError("the pickle declares an object larger than memory (damaged?)",
-                                     path=path, entry=member or None) from None
-    except EOFError:
-        raise CorruptCheckpointError("the pickle ends early (file truncated?)", path=path,
-                                     entry=member or None) from None
-    except RecursionError:
-        raise CorruptCheckpointError("the pickle nests too deeply to read", path=path,
-                                     entry=member or None) from None
-    except Exception as e:  # the unpickler raises many types on damaged input
-        raise CorruptCheckpointError(f"the pickle cannot be read: {type(e).__name__}: {e}",
-                                     path=path, entry=member or None,
-                                     hint="the file is damaged or not a checkpoint") from None
-    return obj, up.seen
+    if hasattr(data, "read"):
+        data = data.read()
+    obj, seen, _ = restricted_walk(data, path=path, member=member, persistent_load=persistent_load)
+    return obj, seen
 
 
-__all__ = ["Opaque", "GlobalRef", "classify", "restricted_loads", "restricted_load_with_globals", "RestrictedUnpickler",
-           "module_children", "StorageRef", "StorageType"]
+__all__ = ["Opaque", "GlobalRef", "Builder", "classify", "restricted_loads",
+           "restricted_load_with_globals", "restricted_walk", "check_graph", "module_children",
+           "StorageRef", "StorageType"]

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
+from torchkeep.read import limits as _limits
 from torchkeep.errors import CorruptCheckpointError, FormatError
 from torchkeep.read.formats.base import Reader, TensorRef
 
@@ -35,7 +36,9 @@ def _load_index(path: str) -> dict[str, Any] | None:
         if os.path.getsize(path) > MAX_INDEX_BYTES:
             return None
         with open(path, "rb") as f:
-            doc = json.loads(f.read())
+            raw = f.read()
+        _limits.check_json(raw, path=path, what="the index JSON")  # json.loads recurses
+        doc = json.loads(raw)
     except (OSError, ValueError, UnicodeDecodeError):
         return None
     if isinstance(doc, dict) and isinstance(doc.get("weight_map"), dict):
@@ -162,8 +165,8 @@ class ShardedReader(Reader):
             tree = single.read_tree()
             self.metadata = {"file": os.path.basename(single.path), **single.metadata}
             return tree
-        from torchkeep.read.tree import walk
         from torchkeep.read.unpickler import Opaque
+        from torchkeep.read.tree import walk
 
         wm = self._index()
         by_shard: dict[str, list[str]] = {}

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from torchkeep.read import limits as _limits
 from torchkeep.errors import CorruptCheckpointError, FormatError
 from torchkeep.read.formats.base import Reader, TensorRef
 from torchkeep.read.formats.base import contiguous_stride as _contiguous_stride
@@ -183,6 +184,7 @@ def parse_header(path: str, f: Any = None) -> Header:
     finally:
         if own:
             f.close()
+    _limits.check_json(raw, path=path, what="the safetensors header")  # json.loads recurses
     try:
         doc = json.loads(raw, object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
@@ -236,6 +238,8 @@ def _paired_from(meta: Mapping[str, Any], path: str) -> dict[str, torch.dtype]:
     if raw is None:
         return {}
     try:
+        if isinstance(raw, str):
+            _limits.check_json(raw, path=path, what="a metadata entry")
         tags = json.loads(raw) if isinstance(raw, str) else raw
         return {str(k): _PAIRED_BY_NAME[v] for k, v in tags.items()}
     except (ValueError, AttributeError, KeyError, TypeError):
@@ -272,6 +276,8 @@ def _aliases_from(header: Header, path: str) -> list[Alias]:
     raw = meta.get(ALIASES_KEY)
     if raw is not None:
         try:
+            if isinstance(raw, str):
+                _limits.check_json(raw, path=path, what="a metadata entry")
             doc = json.loads(raw) if isinstance(raw, str) else raw
             if not isinstance(doc, dict):
                 raise TypeError

@@ -7,9 +7,8 @@ positions are found by walking the count prefixes, without reading the data.
 """
 from __future__ import annotations
 
-import io
+import mmap
 import os
-import pickletools
 import struct
 import tarfile
 from typing import Any, Sequence
@@ -17,24 +16,12 @@ from typing import Any, Sequence
 import torch
 
 from torchkeep.errors import CorruptCheckpointError, FormatError
+from torchkeep.read.unpickler import GlobalRef, StorageRef, restricted_walk, storage_from_pid
 from torchkeep.read.formats.base import Reader, TensorRef
 from torchkeep.read.formats.torchzip import materialize, pread_into
-from torchkeep.read.unpickler import (GlobalRef, StorageRef, restricted_load_with_globals,
-                                      storage_from_pid)
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
-
-
-def _pickle_end(data: bytes, start: int) -> int:
-    """Offset just past the pickle that starts at ``start`` (walks opcodes, runs nothing)."""
-    try:
-        for op, _arg, pos in pickletools.genops(io.BytesIO(data[start:])):
-            if op.name == "STOP":
-                return start + pos + 1
-    except Exception as e:
-        raise CorruptCheckpointError(f"damaged pickle at byte {start}: {e}") from None
-    raise CorruptCheckpointError(f"pickle at byte {start} has no end (file truncated?)")
 
 
 class LegacyReader(Reader):
@@ -46,6 +33,7 @@ class LegacyReader(Reader):
         super().__init__(path, trust=trust)
         self._storages: dict[str, StorageRef] = {}
         self._offsets: dict[str, int] | None = None
+        self._declared: dict[str, int] = {}
         self._data_start = 0
         self._keys: list[str] = []
         self._seen: list[GlobalRef] = []
@@ -60,51 +48,26 @@ class LegacyReader(Reader):
         return False
 
     def _parse(self) -> Any:
+        """Walk the pickles in the order torch.load does, each with the restricted unpickler
+        (the file is mapped, so only the pickles are read, not the storage bytes after them)."""
         with open(self.path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            # The pickles are small compared with the storage bytes that follow them, but we do
-            # not know where they end until we walk them: read in growing windows.
-            window = min(size, 1 << 20)
-            while True:
-                f.seek(0)
-                data = f.read(window)
-                try:
-                    return self._parse_pickles(data, size)
-                except _NeedMore:
-                    if window >= size:
-                        raise CorruptCheckpointError("the pickles end early (file truncated?)",
-                                                     path=self.path) from None
-                    window = min(size, window * 4)
-
-    def _parse_pickles(self, data: bytes, size: int) -> Any:
-        def next_pickle(start: int) -> tuple[bytes, int]:
-            try:
-                end = _pickle_end(data, start)
-            except CorruptCheckpointError:
-                if len(data) < size:
-                    raise _NeedMore() from None
-                raise CorruptCheckpointError(f"damaged or truncated pickle at byte {start}",
-                                             path=self.path) from None
-            return data[start:end], end
-
-        first, pos = next_pickle(0)
-        magic, _ = restricted_load_with_globals(first, path=self.path, member="magic")
+            if os.fstat(f.fileno()).st_size == 0:
+                raise FormatError("the file is empty", path=self.path)
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        magic, _, pos = restricted_walk(data, 0, path=self.path, member="magic")
         if magic != MAGIC_NUMBER:
             # Not a torch legacy file: a plain pickle holding the whole object.
             self.kind = "pickle"
-            obj, self._seen = restricted_load_with_globals(
-                first, path=self.path, member="pickle", persistent_load=self._persistent_load)
+            obj, self._seen, _ = restricted_walk(data, 0, path=self.path, member="pickle",
+                                                 persistent_load=self._persistent_load)
             return obj
-        proto_p, pos = next_pickle(pos)
-        proto, _ = restricted_load_with_globals(proto_p, path=self.path, member="protocol")
+        proto, _, pos = restricted_walk(data, pos, path=self.path, member="protocol")
         if proto != PROTOCOL_VERSION:
             raise FormatError(f"unsupported legacy protocol version {proto!r}", path=self.path)
-        _sysinfo, pos = next_pickle(pos)
-        obj_p, pos = next_pickle(pos)
-        obj, self._seen = restricted_load_with_globals(
-            obj_p, path=self.path, member="object", persistent_load=self._persistent_load)
-        keys_p, pos = next_pickle(pos)
-        keys, _ = restricted_load_with_globals(keys_p, path=self.path, member="storage keys")
+        _sysinfo, _, pos = restricted_walk(data, pos, path=self.path, member="sys info")
+        obj, self._seen, pos = restricted_walk(data, pos, path=self.path, member="object",
+                                               persistent_load=self._persistent_load)
+        keys, _, pos = restricted_walk(data, pos, path=self.path, member="storage keys")
         if not isinstance(keys, list):
             raise CorruptCheckpointError("storage key list is malformed", path=self.path)
         self._keys = [str(k) for k in keys]
@@ -157,6 +120,7 @@ class LegacyReader(Reader):
                         f"file ends after {max(0, size - pos - 8)}", path=self.path,
                         hint="file truncated?")
                 offsets[key] = pos + 8
+                self._declared[key] = nbytes
                 pos += 8 + nbytes
             self._offsets = offsets
         return self._offsets
@@ -174,6 +138,11 @@ class LegacyReader(Reader):
                 if buf is None:
                     st = self._storages[ref.key]
                     nbytes = st.numel * st.dtype.itemsize
+                    declared = self._declared[ref.key]
+                    if nbytes > declared:  # checked before allocating: a pickle may claim terabytes
+                        raise CorruptCheckpointError(
+                            f"storage {ref.key} claims {nbytes:,} bytes but the file stores "
+                            f"{declared:,} for it", path=self.path, hint="file damaged or hostile?")
                     buf = torch.empty(nbytes, dtype=torch.uint8)
                     if nbytes:
                         pread_into(fd, buf, offsets[ref.key], path=self.path,
@@ -194,5 +163,3 @@ class LegacyReader(Reader):
         return torch.load(self.path, map_location=device, weights_only=False)
 
 
-class _NeedMore(Exception):
-    pass

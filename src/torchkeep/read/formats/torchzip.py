@@ -15,11 +15,11 @@ from typing import Any, Sequence
 
 import torch
 
+from torchkeep.read import limits as _limits
 from torchkeep.errors import CorruptCheckpointError, FormatError
+from torchkeep.read.unpickler import GlobalRef, StorageRef, restricted_load_with_globals, storage_from_pid
 from torchkeep.read.formats.base import Reader, TensorRef
 from torchkeep.read.formats.base import contiguous_stride as _contiguous_stride
-from torchkeep.read.unpickler import (GlobalRef, StorageRef, restricted_load_with_globals,
-                                      storage_from_pid)
 
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 _LOCAL_SIG = b"PK\x03\x04"
@@ -147,6 +147,12 @@ class TorchZipReader(Reader):
         return info.header_offset, info.file_size
 
     def read_tree(self) -> Any:
+        # torch's reader inflates a record to the size the directory declares: check it first.
+        self._zip()
+        size = self._fast.get_record_size("data.pkl") if self._fast is not None else \
+            self._zf.getinfo(self._prefix + "data.pkl").file_size
+        if size > _limits.current().pickle_bytes:
+            raise _limits.exceeded("pickle_bytes", f"data.pkl declares {size:,} bytes", path=self.path)
         data = self._read_record("data.pkl")
         member = self._prefix + "data.pkl"
         obj, self._seen = restricted_load_with_globals(data, path=self.path, member=member,
@@ -220,6 +226,11 @@ class TorchZipReader(Reader):
         nbytes = st.numel * st.dtype.itemsize
         offset = self._member_span(st.key, nbytes)
         if offset < 0:  # re-zipped with compression: let the zip library inflate it
+            _, declared = self._record_info(_member(st.key))
+            if declared > nbytes + (1 << 20):  # inflating it all would take more than needed
+                raise _limits.exceeded("decompressed", f"storage {_member(st.key)} inflates to "
+                                       f"{declared:,} bytes but its tensors need {nbytes:,}",
+                                       path=self.path)
             data = self._read_record(_member(st.key))
             buf = torch.frombuffer(bytearray(data[:nbytes]), dtype=torch.uint8) if nbytes else \
                 torch.empty(0, dtype=torch.uint8)
