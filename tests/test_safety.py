@@ -130,3 +130,109 @@ def test_numpy_arrays_are_data(tmp_path):
     ck = torchkeep.open(tmp_path / "np.pt")
     assert np.array_equal(ck.tree["arr"], arr) and ck.tree["n"] == 2.5
     assert torchkeep.scan(str(tmp_path / "np.pt")).safe
+
+
+# --- no gadget in the allowlist ------------------------------------------------------------------
+
+def _hostile_args():
+    from torchkeep.read.allowlist import ALLOWED
+    from torchkeep.read.placeholders import Opaque, StorageRef, _placeholder
+
+    evil_cls = _placeholder("os", "system")
+    values = ["torch.save", "os.system", "builtins.exec", "torch.from_file", "torch.set_default_device",
+              "cuda", "latin1", "rot13", "zlib", b"\x00" * 8, 10 ** 12, -1, 0, 2.5, None, True,
+              range(10 ** 12), evil_cls, evil_cls(), torch.float32,
+              StorageRef(None, "0", torch.float32, 10 ** 12, "cpu"),
+              (10 ** 12,), [1, 2], {"__class__": "x"}, *ALLOWED.values()]
+    singles = [(v,) for v in values]
+    pairs = [(a, b) for a in values[:14] for b in values[:14]]
+    wide = [(v, 0, (2 ** 40,), (1,), False, None, torch.float32) for v in values]
+    return [()] + singles + pairs + wide + [(v, v, v, v) for v in values]
+
+
+def test_allowlist_holds_only_builders_and_data():
+    from torchkeep.read.allowlist import ALLOWED, Builder, TypeMarker
+    from torchkeep.read.placeholders import Opaque, StorageType
+
+    for name, value in ALLOWED.items():
+        ok = isinstance(value, (Builder, TypeMarker, StorageType, torch.dtype, torch.layout,
+                                torch.memory_format)) or (isinstance(value, type) and issubclass(value, Opaque))
+        assert ok, f"{name} is allowlisted as {value!r}: only Builders and data may be"
+
+
+def test_no_allowlisted_callable_reaches_a_function_outside_it(monkeypatch, tmp_path):
+    """Every Builder, called with hostile arguments (names of torch.save & co, huge sizes, lazy
+    ranges, other allowlisted values), returns data or refuses: nothing outside is called."""
+    import builtins
+    import sys
+    import types
+
+    from torchkeep.read.allowlist import ALLOWED, Builder
+    from torchkeep.read.placeholders import Opaque
+
+    called = []
+    for owner, attr in ((torch, "save"), (torch, "load"), (torch, "from_file"),
+                        (torch, "set_default_device"), (os, "system"), (builtins, "exec"),
+                        (builtins, "eval"), (builtins, "open")):
+        real = getattr(owner, attr)
+        monkeypatch.setattr(owner, attr, lambda *a, _n=attr, _r=real, **k: (called.append(_n), _r(*a, **k))[1])
+    modules = set(sys.modules)
+    builders = [(n, v) for n, v in ALLOWED.items() if isinstance(v, Builder)]
+    assert len(builders) >= 30
+    args_list = _hostile_args()
+    for name, fn in builders:
+        for args in args_list:
+            try:
+                out = fn(*args)
+            except Exception:
+                continue  # refusing is fine
+            if any(out is a for a in args):
+                continue  # handed back what it was given (e.g. _rebuild_parameter): reaches nothing new
+            assert not isinstance(out, (types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+                                        types.ModuleType, Builder, type)), (name, args, out)
+            assert not callable(out) or isinstance(out, Opaque), (name, args, out)
+            if isinstance(out, (list, tuple, bytes, bytearray, str, dict, set, frozenset)):
+                assert len(out) <= 5_000_000, (name, args)  # nothing huge materialized
+    monkeypatch.undo()
+    assert not called, f"allowlisted callables reached {called}"
+    assert not set(sys.modules) - modules, set(sys.modules) - modules  # nothing imported
+
+
+def test_layout_lookup_is_a_fixed_table():
+    from torchkeep.read.allowlist import ALLOWED
+
+    get_layout = ALLOWED["torch.serialization._get_layout"]
+    assert get_layout("torch.strided") is torch.strided
+    for name in ("torch.save", "save", "torch.from_file", "torch.set_default_device"):
+        with pytest.raises(Exception):
+            get_layout(name)
+
+
+def test_gadget_pickle_made_of_allowlisted_names_does_not_run(tmp_path):
+    import hostile_corpus as H
+
+    marker = tmp_path / "MARKER"
+    data, _ = H.raw_pickles(str(marker))["layout_gadget"]
+    (tmp_path / "g.pkl").write_bytes(data)
+    with pytest.raises(torchkeep.TorchkeepError):
+        torchkeep.open(tmp_path / "g.pkl").tree
+    assert not marker.exists()
+    rep = torchkeep.scan(str(tmp_path / "g.pkl"))
+    assert rep.verdict == "unsafe" and "?.call of a value computed at load time" in [g.qualname for g in rep.unsafe]
+
+
+@pytest.mark.parametrize("protocol", range(6))
+def test_machine_builds_what_pickle_builds(protocol):
+    """The shared machine, in build mode, gives back what CPython's unpickler gives for data."""
+    import collections
+
+    from torchkeep.read.unpickler import restricted_loads
+
+    obj = {"a": [1, -2, 2 ** 70, 2.5, "x" * 300, b"y", None, True, False], "t": (1, (2, 3), ()),
+           "s": {1, 2}, "f": frozenset({3}), "o": collections.OrderedDict(k=[]), "ba": bytearray(b"z"),
+           "c": complex(1, 2), "sl": slice(1, 2), "r": range(3)}
+    shared = [1]
+    obj["shared"] = (shared, shared)
+    out = restricted_loads(pickle.dumps(obj, protocol=protocol))
+    assert out == obj
+    assert out["shared"][0] is out["shared"][1]
