@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
             rep = scan(path)
         except (TorchkeepError, OSError) as e:
             msg = str(e) if isinstance(e, TorchkeepError) else f"{path}: {e.strerror or e}"
-            err.print(f"torchkeep: error: {msg}", markup=False, highlight=False)
+            err.print(f"torchkeep: error: {msg}", markup=False, highlight=False, soft_wrap=True)
             reports.append({"path": path, "error": msg})
             status = 2
             continue

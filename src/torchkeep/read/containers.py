@@ -91,13 +91,18 @@ def _member_bytes(raw: Any, info: zipfile.ZipInfo, zf: zipfile.ZipFile, path: st
         found.notes.append(f"{name}: flag bits {info.flag_bits:#x} ({', '.join(bad)}); torch.load "
                            "refuses such members")
     start = off + _LOCAL.size + nlen + xlen
+    if not head_only and info.file_size > lim.pickle_bytes:  # judged before inflating anything
+        raise _limits.exceeded("pickle_bytes", f"member {name} declares {info.file_size:,} bytes", path=path)
+    if not head_only and info.file_size > max(1 << 20, lim.ratio * max(1, info.compress_size)):
+        raise _limits.exceeded("ratio", f"member {name} declares {info.file_size:,} bytes from "
+                               f"{info.compress_size:,} compressed", path=path)
     comp = bytes(raw[start:start + info.compress_size]) if not head_only else \
         bytes(raw[start:start + min(info.compress_size, 4096)])
     if info.compress_type == zipfile.ZIP_STORED:
         out = comp if not head_only else comp[:64]
     elif info.compress_type == zipfile.ZIP_DEFLATED:
         d = zlib.decompressobj(-15)
-        cap = 64 if head_only else lim.pickle_bytes + 1
+        cap = 64 if head_only else min(lim.pickle_bytes, info.file_size) + 1  # miniz stops there too
         try:
             out = d.decompress(comp, cap)
         except zlib.error as e:

@@ -87,7 +87,8 @@ class PickleMachine:
                  persistent_load: Callable[[Any], Any] | None = None,
                  call: Callable[[Any, tuple, dict], Any] | None = None,
                  build_state: Callable[[Any, Any], None] | None = None,
-                 encoding: str = "utf-8", path: str | None = None, member: str | None = None) -> None:
+                 encoding: str = "utf-8", path: str | None = None, member: str | None = None,
+                 max_ops: int = 0) -> None:
         self.data = data
         self.pos = start
         self.start = start
@@ -105,6 +106,7 @@ class PickleMachine:
         self.memo: dict[int, Any] = {}
         self.found: list[Found] = []
         self.proto = 0
+        self.max_ops = max_ops  # a lower cap than the limit, for probing (0: the limit)
 
     # -- reading -----------------------------------------------------------------------
     def _read(self, n: int) -> bytes:
@@ -154,9 +156,7 @@ class PickleMachine:
         return items
 
     def _push(self, v: Any) -> None:
-        self.stack.append(v)
-        if len(self.stack) > self.lim.container:
-            raise self._over("container", f"the pickle stack holds more than {self.lim.container:,} items")
+        self.stack.append(v)  # its size is checked in the loop
 
     # -- globals -----------------------------------------------------------------------
     def _global(self, module: Any, name: Any, pos: int) -> Any:
@@ -198,25 +198,29 @@ class PickleMachine:
         return res
 
     def _loop(self, res: WalkResult) -> Any:
-        dispatch = _DISPATCH
+        table = _TABLE
         data = self.data
-        max_ops = self.lim.pickle_ops
+        stack = self.stack
+        max_ops = min(self.lim.pickle_ops, self.max_ops) if self.max_ops else self.lim.pickle_ops
+        max_stack = self.lim.container
+        end = self.end_limit
         ops = 0
         while True:
             pos = self.pos
-            if pos >= self.end_limit:
-                if self.end_limit < len(data):
+            if pos >= end:
+                if end < len(data):
                     raise self._over("pickle_bytes", f"the pickle is longer than {self.lim.pickle_bytes:,} bytes")
                 raise PickleError("pickle data was truncated (no STOP opcode)")
-            code = data[pos]  # bytes, mmap and memoryview('B') all index to int
             self.pos = pos + 1
             ops += 1
             if ops > max_ops:
                 res.ops = ops
                 raise self._over("pickle_ops", f"the pickle runs more than {max_ops:,} opcodes")
-            fn = dispatch.get(code)
+            if not ops & 0xFFFF and len(stack) > max_stack:  # it grows by <= 1 item per opcode
+                raise self._over("container", f"the pickle stack holds more than {max_stack:,} items")
+            fn = table[data[pos]]  # bytes, mmap and memoryview('B') all index to int
             if fn is None:
-                raise PickleError(f"invalid load key {bytes([code])!r}")
+                raise PickleError(f"invalid load key {bytes([data[pos]])!r}")
             if fn is _stop:
                 res.ops = ops
                 return self._pop()
@@ -644,11 +648,14 @@ _DISPATCH: dict[int, Callable[[PickleMachine, int], None]] = {ord(k): v for k, v
     "\x93": _stack_global, "\x94": _memoize, "\x95": _frame,
     "\x96": _sized(8, "bytearray"), "\x97": _next_buffer, "\x98": _readonly_buffer,
 }.items()}
+_TABLE: list[Callable[[PickleMachine, int], None] | None] = [_DISPATCH.get(i) for i in range(256)]
 
 
-def scan(data: Any, start: int = 0, *, path: str | None = None, member: str | None = None) -> WalkResult:
-    """Walk one pickle without building or importing anything: its globals and where it ends."""
-    return PickleMachine(data, start, path=path, member=member).run()
+def scan(data: Any, start: int = 0, *, path: str | None = None, member: str | None = None,
+         max_ops: int = 0) -> WalkResult:
+    """Walk one pickle without building or importing anything: its globals and where it ends
+    (``max_ops`` stops a probe early: ``res.ops`` then says how far it got)."""
+    return PickleMachine(data, start, path=path, member=member, max_ops=max_ops).run()
 
 
 def looks_like_pickle(head: bytes) -> bool:

@@ -100,8 +100,8 @@ def _more(rep: ScanReport, data: Any, pos: int, member: str, n: int = 0) -> None
     """Further pickles after a blob's last expected one (``pickle.load`` called again would run
     them; picklescan looks at them too): scanned while they parse."""
     while pos < len(data) and n < 64:
-        probe = pickles.scan(data, pos)
-        if probe.error is not None and not probe.found:
+        probe = pickles.scan(data, pos, max_ops=4096)
+        if probe.error is not None and not probe.found and probe.limit is None:
             return  # not a pickle: raw bytes after the last one
         res = _walk(rep, data, pos, f"{member}+{n + 1}")
         if res.end < 0:
@@ -228,8 +228,8 @@ def _collect(path: str, budget: C.Budget, tmp: str) -> tuple[str, C.Found]:
     if C.is_tar(head):
         C.tar_pickles(path, "", path, found)
         return "torch-tar", found
-    probe = pickles.scan(mm, 0)
-    if probe.found or probe.end >= 0:
+    probe = pickles.scan(mm, 0, max_ops=4096)  # a few thousand valid opcodes make it a pickle
+    if probe.found or probe.end >= 0 or probe.limit is not None:
         found.blobs.append(C.Blob("", mm, 0, layout="legacy"))
         return "pickle", found
     return "", found
