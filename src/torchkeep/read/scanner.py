@@ -323,7 +323,7 @@ def scan(path: str) -> ScanReport:
 
     Covers every pickle a file holds whatever its name or container, and every such file in a
     folder; formats without pickle (safetensors) are trivially safe. Never imports or executes
-    anything from the file. Input over a limit (``torchkeep.limits``) raises LimitExceededError
+    anything from the file. Input over a limit (``torchkeep.read.limits``) raises LimitExceededError
     unless an unsafe global was already found (then the report says unsafe and names the limit).
     """
     if not os.path.exists(path):
