@@ -50,7 +50,11 @@ def _measure(path, modes="scan,inspect,read", env=None):
     p = subprocess.run([sys.executable, "-c", _CHILD, str(path), modes], capture_output=True,
                        text=True, env=e, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    print(f"\nMEASURED {os.path.basename(str(path))}: " + " ".join(
+        f"{k}=rc{v['rc']}/{v['s']:.2f}s" for k, v in res.items() if k != "extra_mib")
+        + f" extra={res['extra_mib']:.0f}MiB")  # shown with pytest -s
+    return res
 
 
 def _assert_bounded(res, refused_by=None, modes=("inspect",)):

@@ -113,9 +113,14 @@ def _float_text(m: Any, pos: int) -> None:
 def _fixed(fmt: str) -> Callable[[Any, int], None]:
     s = struct.Struct(fmt)
 
+    size, unpack = s.size, s.unpack_from
+
     def op(m: Any, pos: int) -> None:
-        (v,) = s.unpack(m._read(s.size))
-        m._push(v if m.build else ANY)
+        p = m.pos
+        if p + size > m.end_limit:
+            m._read(size)  # raises the right error
+        m.pos = p + size
+        m.stack.append(unpack(m.data, p)[0] if m.build else ANY)
     return op
 
 
@@ -380,6 +385,8 @@ def _persistent(m: Any, pid: Any) -> None:
 def _memo_put(m: Any, idx: int) -> None:
     if idx < 0:
         raise PickleError("negative PUT argument")
+    if idx >= m.lim.memo:  # C pickle sizes its memo array by the largest index
+        raise m._over("memo", f"the pickle stores a memo entry at index {idx:,}")
     if idx not in m.memo and len(m.memo) >= m.lim.memo:
         raise m._over("memo", f"the pickle memoizes more than {m.lim.memo:,} objects")
     m.memo[idx] = m._top()
@@ -394,6 +401,16 @@ def _binput(m: Any, pos: int) -> None:
 
 
 def _long_binput(m: Any, pos: int) -> None:
+    # Hot in torch pickles: inlined fast path for an index already in the memo's range.
+    p = m.pos
+    if p + 4 <= m.end_limit and m.stack and len(m.memo) < m.lim.memo:
+        m.pos = p + 4
+        fence = m.marks[-1] if m.marks else 0
+        idx = _U32(m.data, p)[0]
+        if len(m.stack) > fence and idx < m.lim.memo:
+            m.memo[idx] = m.stack[-1]
+            return
+        m.pos = p
     _memo_put(m, struct.unpack("<I", m._read(4))[0])
 
 
@@ -403,7 +420,7 @@ def _memoize(m: Any, pos: int) -> None:
 
 def _memo_get(m: Any, idx: int) -> None:
     try:
-        m._push(m.memo[idx])
+        m.stack.append(m.memo[idx])
     except KeyError:
         raise PickleError(f"Memo value not found at index {idx}") from None
 
@@ -417,7 +434,15 @@ def _binget(m: Any, pos: int) -> None:
 
 
 def _long_binget(m: Any, pos: int) -> None:
+    p = m.pos
+    if p + 4 <= m.end_limit:
+        m.pos = p + 4
+        _memo_get(m, _U32(m.data, p)[0])
+        return
     _memo_get(m, struct.unpack("<I", m._read(4))[0])
+
+
+_U32 = struct.Struct("<I").unpack_from
 
 
 def _next_buffer(m: Any, pos: int) -> None:

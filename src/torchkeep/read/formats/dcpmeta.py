@@ -41,6 +41,19 @@ class _MetadataUnpickler(pickle.Unpickler):
                                     hint="the shards folder was not written by DCP; do not load it")
 
 
+def _prescan(data: bytes, path: str) -> None:
+    """Walk the pickle with torchkeep's bounded machine before C pickle builds it: input over a
+    limit (memo indices, opcodes, size) or malformed is refused before anything is allocated."""
+    from torchkeep.errors import CorruptCheckpointError
+    from torchkeep.read import pickles
+
+    res = pickles.scan(data, path=path, member=DCP_METADATA)
+    if res.limit is not None:
+        raise res.limit
+    if res.error is not None:
+        raise CorruptCheckpointError(f"the pickle cannot be read: {res.error}", path=path)
+
+
 def _safe_reader(path: str) -> Any:
     """DCP's FileSystemReader (FsspecReader for a URL) whose ``.metadata`` goes through
     :class:`_MetadataUnpickler` (DCP's own uses plain pickle); tensor data is read by DCP with
@@ -65,6 +78,7 @@ def _safe_reader(path: str) -> Any:
                 mpath = os.path.join(os.fspath(self.path), DCP_METADATA)
                 with open(mpath, "rb") as f:
                     data = f.read()
+            _prescan(data, mpath)
             md = _MetadataUnpickler(io.BytesIO(data), mpath).load()
             if type(md).__name__ != "Metadata":
                 raise UnsafeCheckpointError(f".metadata holds a {type(md).__name__}", path=mpath)
