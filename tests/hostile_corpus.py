@@ -100,7 +100,7 @@ def _patch_member(data: bytes, member: str, fn) -> bytes:
     buf = bytearray(data)
     zf = zipfile.ZipFile(io.BytesIO(data))
     info = zf.getinfo(member)
-    central = data.rfind(b"PK\x01\x02" + data[data.find(b"PK\x01\x02") + 4:][:0])
+    central = -1
     pos = data.find(b"PK\x01\x02")
     while pos >= 0:
         nlen = struct.unpack("<H", data[pos + 28:pos + 30])[0]

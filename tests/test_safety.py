@@ -136,7 +136,7 @@ def test_numpy_arrays_are_data(tmp_path):
 
 def _hostile_args():
     from torchkeep.read.allowlist import ALLOWED
-    from torchkeep.read.placeholders import Opaque, StorageRef, _placeholder
+    from torchkeep.read.placeholders import StorageRef, _placeholder
 
     evil_cls = _placeholder("os", "system")
     values = ["torch.save", "os.system", "builtins.exec", "torch.from_file", "torch.set_default_device",

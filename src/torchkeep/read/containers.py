@@ -187,7 +187,7 @@ def _dispatch(data: bytes, name: str, path: str, budget: Budget, depth: int, fou
     elif data[:6] == SEVENZ_MAGIC:
         found.uninspected.append(f"{name} (7z archive inside an archive)")
     elif is_tar(data):
-        tar_pickles(io.BytesIO(data), name + "!", path, found)
+        tar_pickles(io.BytesIO(data), name + "!", path, found, budget)
     else:
         found.blobs.append(Blob(name, data))
 
@@ -247,7 +247,7 @@ def npy_pickle(data: Any, name: str, path: str, found: Found) -> None:
 
 # --- tar-era torch files ---------------------------------------------------------------------
 
-def tar_pickles(source: Any, prefix: str, path: str, found: Found) -> None:
+def tar_pickles(source: Any, prefix: str, path: str, found: Found, budget: Budget) -> None:
     """Each member of a tar (torch < 0.4 wrote 'sys_info', 'pickle', 'storages', 'tensors'),
     as a stream of pickles the way torch's legacy tar loader reads them."""
     lim = _limits.current()
@@ -266,13 +266,14 @@ def tar_pickles(source: Any, prefix: str, path: str, found: Found) -> None:
             continue
         if m.size > lim.pickle_bytes:
             raise _limits.exceeded("pickle_bytes", f"tar member {m.name} is {m.size:,} bytes", path=path)
+        budget.take(m.size, path)
         data = tf.extractfile(m).read()
         found.blobs.append(Blob(prefix + m.name, data, 0, layout=f"tar:{m.name}"))
 
 
 # --- 7z ---------------------------------------------------------------------------------------
 
-def sevenz_files(path: str, tmpdir: str, found: Found) -> list[str]:
+def sevenz_files(path: str, tmpdir: str, found: Found, budget: Budget) -> list[str]:
     """Extract a 7z archive into ``tmpdir`` (bounded by the declared sizes) and list its files;
     without py7zr the archive is reported as not inspected."""
     try:
@@ -290,8 +291,7 @@ def sevenz_files(path: str, tmpdir: str, found: Found) -> list[str]:
             if len(infos) > lim.members:
                 raise _limits.exceeded("members", "the 7z archive has too many members", path=path)
             total = sum(int(i.uncompressed or 0) for i in infos)
-            if total > lim.decompressed:
-                raise _limits.exceeded("decompressed", f"the 7z archive unpacks to {total:,} bytes", path=path)
+            budget.take(total, path)  # judged on the declared sizes, before extracting
             z.extractall(path=tmpdir)
     except (FormatError,):
         raise

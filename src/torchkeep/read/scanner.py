@@ -126,7 +126,7 @@ def _scan_blob(rep: ScanReport, blob: C.Blob) -> None:
         res = _walk(rep, data, 0, f"{name}pickle 0" if name else "pickle 0")
         if res.end < 0:
             return
-        if _legacy_value(data, 0) != MAGIC_NUMBER:
+        if res.ops > 8 or _legacy_value(data, 0) != MAGIC_NUMBER:  # the magic is 3 opcodes
             _more(rep, data, res.end, name + "pickle 0")
             return
         pos = res.end
@@ -209,14 +209,22 @@ def _collect(path: str, budget: C.Budget, tmp: str) -> tuple[str, C.Found]:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     head = bytes(mm[:512])
     if head[:4] == C.ZIP_MAGIC:
-        C.zip_pickles(mm, path, budget, found=found)
+        try:
+            C.zip_pickles(mm, path, budget, found=found)
+        except CorruptCheckpointError as e:
+            # Python's zipfile refuses it; torch's reader may not: scan what torch would read.
+            found.notes.append(f"{e.detail}; torch's own reader is tried as well")
+            _torch_view(path, found)
+            if not found.blobs:
+                raise
+            return "torch-zip", found
         _torch_view(path, found)
         return "torch-zip", found
     if head[:6] == C.NPY_MAGIC:
         C.npy_pickle(mm, "", path, found)
         return "npy", found
     if head[:6] == C.SEVENZ_MAGIC:
-        for f in C.sevenz_files(path, tmp, found):
+        for f in C.sevenz_files(path, tmp, found, budget):
             _, inner = _collect(f, budget, tempfile.mkdtemp(dir=tmp))
             rel = os.path.relpath(f, tmp) + "!"
             for b in inner.blobs:
@@ -226,7 +234,7 @@ def _collect(path: str, budget: C.Budget, tmp: str) -> tuple[str, C.Found]:
             found.uninspected += inner.uninspected
         return "7z", found
     if C.is_tar(head):
-        C.tar_pickles(path, "", path, found)
+        C.tar_pickles(path, "", path, found, budget)
         return "torch-tar", found
     probe = pickles.scan(mm, 0, max_ops=4096)  # a few thousand valid opcodes make it a pickle
     if probe.found or probe.end >= 0 or probe.limit is not None:
