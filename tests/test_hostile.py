@@ -137,3 +137,24 @@ def test_never_the_one_that_misses(corpus):
     assert not missed, "torchkeep missed what others caught:\n" + "\n".join(table)
     if scan_file_path is None:
         pytest.skip("picklescan is not installed: compared with torch.load(weights_only=True) only")
+
+
+def test_globals_of_a_cut_archive_are_still_reported(tmp_path):
+    """A zip cut before its central directory: torch.load cannot open it, but its pickle is
+    found from the local headers and its globals reported with the damage (exit 1)."""
+    import torch
+
+    marker = tmp_path / "MARKER"
+    torch.save({"w": torch.ones(1000), "evil": H.Payload(str(marker))}, tmp_path / "full.pt")
+    data = (tmp_path / "full.pt").read_bytes()
+    for cut in (len(data) - 200, len(data) // 2):
+        (tmp_path / "cut.pt").write_bytes(data[:cut])
+        rep = torchkeep.scan(str(tmp_path / "cut.pt"))
+        assert rep.verdict == "unsafe" and "posix.system" in [g.qualname for g in rep.unsafe]
+        assert any("torch.load cannot open it" in e for e in rep.errors)
+    torch.save({"w": torch.ones(1000)}, tmp_path / "clean.pt")
+    data = (tmp_path / "clean.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[:-200])
+    p = run_cli("scan", str(tmp_path / "cut.pt"))
+    assert p.returncode == 2 and "damaged" in p.stdout, p.stdout + p.stderr
+    assert not marker.exists()

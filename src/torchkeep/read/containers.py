@@ -46,6 +46,7 @@ class Found:
     blobs: list[Blob] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     uninspected: list[str] = field(default_factory=list)
+    damaged: str | None = None    # the container itself is broken (its pickles may still be found)
 
 
 class Budget:
@@ -174,6 +175,50 @@ def zip_pickles(raw: Any, path: str, budget: Budget, prefix: str = "", depth: in
             continue
         _dispatch(data, name, path, budget, depth, found)
     return found
+
+
+def local_pickles(raw: Any, path: str, budget: Budget, found: Found) -> None:
+    """A zip without a readable central directory (a write cut short): its members found by
+    walking the local headers from the start, as a streaming unzip would, and their pickles
+    kept (the globals of a damaged archive are still worth reporting)."""
+    from torchkeep.read.pickles import looks_like_pickle
+
+    lim = _limits.current()
+    pos, count = 0, 0
+    while bytes(raw[pos:pos + 4]) == ZIP_MAGIC and count < lim.members:
+        fields = _LOCAL.unpack(bytes(raw[pos:pos + _LOCAL.size]).ljust(_LOCAL.size, b"\0"))
+        method, csize, usize, nlen, xlen = fields[3], fields[7], fields[8], fields[9], fields[10]
+        name = bytes(raw[pos + _LOCAL.size:pos + _LOCAL.size + nlen]).decode("utf-8", "replace")
+        start = pos + _LOCAL.size + nlen + xlen
+        if fields[2] & 0x8 and csize == 0:  # sizes in a data descriptor after the data
+            csize = _descriptor_size(raw, start, lim.pickle_bytes)
+            usize = csize if method == zipfile.ZIP_STORED else lim.pickle_bytes
+        comp = bytes(raw[start:start + min(csize, lim.pickle_bytes)])
+        if method == zipfile.ZIP_DEFLATED:
+            try:
+                data = zlib.decompressobj(-15).decompress(comp, min(usize, lim.pickle_bytes) + 1)
+            except zlib.error:
+                data = b""
+        else:
+            data = comp
+        budget.take(len(data), path)
+        is_storage = "/data/" in "/" + name and not name.endswith(".pkl")
+        if not is_storage and (name.endswith((".pkl", ".pickle")) or looks_like_pickle(data[:8])):
+            found.blobs.append(Blob(f"{name} (from its local header)", data))
+        pos, count = start + csize + (16 if fields[2] & 0x8 else 0), count + 1
+
+
+def _descriptor_size(raw: Any, start: int, limit: int) -> int:
+    """The size of member data that ends at a data descriptor whose size field matches; the
+    rest of the file (up to ``limit``) when none does (the file was cut inside the member)."""
+    q = start
+    while True:
+        q = raw.find(b"PK\x07\x08", q, min(len(raw), start + limit + 1))
+        if q < 0:
+            return min(len(raw) - start, limit)
+        if struct.unpack("<I", bytes(raw[q + 8:q + 12]).ljust(4, b"\0"))[0] == q - start:
+            return q - start
+        q += 4
 
 
 def _dispatch(data: bytes, name: str, path: str, budget: Budget, depth: int, found: Found) -> None:
@@ -307,5 +352,5 @@ def sevenz_files(path: str, tmpdir: str, found: Found, budget: Budget) -> list[s
     return sorted(out)
 
 
-__all__ = ["Blob", "Found", "Budget", "zip_pickles", "npy_pickle", "tar_pickles", "sevenz_files",
+__all__ = ["Blob", "Found", "Budget", "zip_pickles", "local_pickles", "npy_pickle", "tar_pickles", "sevenz_files",
            "is_tar", "ZIP_MAGIC", "NPY_MAGIC", "SEVENZ_MAGIC"]

@@ -216,6 +216,10 @@ def _collect(path: str, budget: C.Budget, tmp: str) -> tuple[str, C.Found]:
             found.notes.append(f"{e.detail}; torch's own reader is tried as well")
             _torch_view(path, found)
             if not found.blobs:
+                C.local_pickles(mm, path, budget, found)
+                found.damaged = f"{e.detail}: torch.load cannot open it; the members were found " \
+                                "from their local headers"
+            if not found.blobs:
                 raise
             return "torch-zip", found
         _torch_view(path, found)
@@ -252,6 +256,8 @@ def _scan_file(path: str, budget: C.Budget) -> ScanReport:
             return ScanReport(path=path, format=detect(path).format, safe=True)
         rep = ScanReport(path=path, format=fmt, safe=True, notes=list(found.notes),
                          uninspected=list(found.uninspected))
+        if found.damaged:
+            rep.errors.append(found.damaged)
         for blob in found.blobs:
             _scan_blob(rep, blob)
     _finish(rep)
