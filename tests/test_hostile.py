@@ -158,3 +158,20 @@ def test_globals_of_a_cut_archive_are_still_reported(tmp_path):
     p = run_cli("scan", str(tmp_path / "cut.pt"))
     assert p.returncode == 2 and "damaged" in p.stdout, p.stdout + p.stderr
     assert not marker.exists()
+
+
+def test_folder_scan_covers_pickles_of_any_name(tmp_path):
+    import hostile_corpus as H2
+    from safetensors.torch import save_file
+    import torch
+
+    marker = tmp_path / "MARKER"
+    save_file({"w": torch.ones(2)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text('{"a": 1}')
+    (tmp_path / "notes.txt").write_text("cos\nsystem\n")  # a text file by name: not probed
+    (tmp_path / "README").write_text("Apache License\n")
+    assert torchkeep.scan(str(tmp_path)).safe
+    (tmp_path / "state").write_bytes(H2.raw_pickles(str(marker))["p0_inst"][0])  # no suffix, protocol 0
+    rep = torchkeep.scan(str(tmp_path))
+    assert rep.verdict == "unsafe" and any(g.member.startswith("state:") for g in rep.unsafe)
+    assert not marker.exists()

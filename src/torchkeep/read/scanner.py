@@ -22,7 +22,9 @@ from torchkeep.read.unpickler import GlobalRef, global_ref
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 # Names of files that hold pickles in the wild (plus anything that starts like one).
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".npy", ".npz", ".7z",
-                   ".joblib", ".tar", ".zip", ".mar", ".distcp", ".data", ".model", ".dat")
+                   ".joblib", ".tar", ".zip", ".mar", ".distcp", ".data", ".dat")
+TEXT_SUFFIXES = (".json", ".txt", ".md", ".yaml", ".yml", ".py", ".csv", ".cfg", ".ini", ".toml",
+                 ".safetensors", ".html", ".jinja", ".log", ".gguf", ".onnx", ".model")
 
 
 def scan_pickle(data: bytes, member: str = "") -> tuple[list[GlobalRef], str | None]:
@@ -280,12 +282,21 @@ def _finish(rep: ScanReport) -> None:
 
 
 def _may_hold_pickle(path: str) -> bool:
-    if path.lower().endswith(PICKLE_SUFFIXES):
+    """Whether a file in a folder is scanned: a name pickles go by, a container's magic, or
+    content that walks as a pickle (text files by their name are not probed)."""
+    low = path.lower()
+    if low.endswith(PICKLE_SUFFIXES):
         return True
     with open(path, "rb") as f:
         head = f.read(512)
-    return head[:4] == C.ZIP_MAGIC or head[:6] in (C.NPY_MAGIC, C.SEVENZ_MAGIC) or \
-        (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or C.is_tar(head)
+    if head[:4] == C.ZIP_MAGIC or head[:6] in (C.NPY_MAGIC, C.SEVENZ_MAGIC) or C.is_tar(head) or \
+            (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return True
+    if low.endswith(TEXT_SUFFIXES) or not head or not pickles.looks_like_pickle(head):
+        return False
+    with open(path, "rb") as f:  # e.g. a protocol 0 pickle without a suffix
+        probe = pickles.scan(f.read(1 << 20), max_ops=4096)
+    return probe.end >= 0 or bool(probe.found)
 
 
 def _scan_folder(path: str) -> ScanReport:

@@ -20,7 +20,7 @@ from torchkeep.read import limits as _limits
 from torchkeep.read.allowlist import ALLOWED as _ALLOWED, SAFE_DATA as _SAFE_DATA, SETTABLE as _SETTABLE
 from torchkeep.read.allowlist import SAFE_UNSUPPORTED as _SAFE_UNSUPPORTED, Builder
 from torchkeep.errors import CorruptCheckpointError
-from torchkeep.read.pickles import PickleError, PickleMachine
+from torchkeep.read.pickles import CALL_OF_COMPUTED, PickleError, PickleMachine
 from torchkeep.read.placeholders import (Opaque, StorageRef, StorageType, _placeholder, module_children,  # noqa: F401
                            storage_from_pid)
 
@@ -180,6 +180,13 @@ def restricted_walk(data: Any, start: int = 0, *, path: str = "", member: str = 
     CorruptCheckpointError; input over a limit raises LimitExceededError."""
     m = PickleMachine(data, start, resolve=_resolve, persistent_load=persistent_load, call=_call,
                       build_state=_build_state, path=path or None, member=member or None)
+
+    def call(fn: Any, args: tuple, kwargs: dict) -> Any:
+        if isinstance(fn, Opaque):  # a placeholder instance called: what the scan reports too
+            m.record(*CALL_OF_COMPUTED, m.pos)
+        return _call(fn, args, kwargs)
+
+    m.call = call
     res = m.run()
     seen = [global_ref(f.module, f.name, member) for f in res.found]
     if res.limit is not None:
