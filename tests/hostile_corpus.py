@@ -289,6 +289,10 @@ def benign(tmp: str) -> dict[str, str]:
     for proto in range(6):
         put(f"plain_p{proto}.pkl", lambda p, proto=proto: open(p, "wb").write(
             pickle.dumps({"a": [1, 2.5, "x"], "b": (None, True), "c": {"k": b"v"}}, protocol=proto)))
+    import random
+    put("rng_state.pth", lambda p: torch.save({  # what transformers' Trainer writes beside weights
+        "python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state(),
+        "legacy": np.random.RandomState(3)}, p))
     put("plain.npy", lambda p: np.save(p, np.arange(10)))
     put("plain.npz", lambda p: np.savez(p, a=np.arange(3), b=np.ones((2, 2))))
     put("weights.safetensors", lambda p: save_file({"w": torch.ones(2)}, p))

@@ -398,7 +398,11 @@ def _numpy_allowed() -> dict[str, Any]:
             raise _arg_error(f"numpy.dtype({obj!r})")
         return np.dtype(obj, align=bool(align), copy=bool(copy))
 
+    classes = {f"numpy.random._{n.lower().replace('dxsm', '')}.{n}": n for n in bitgens}
+
     def bitgen(name="MT19937"):
+        if isinstance(name, TypeMarker):  # newer numpy passes the class (marked in the table)
+            name = classes.get(name.qualname)
         if type(name) is not str or name not in bitgens:
             raise _arg_error(f"unknown numpy bit generator {name!r}")
         return bitgens[name]()
@@ -421,6 +425,8 @@ def _numpy_allowed() -> dict[str, Any]:
     for name in dir(getattr(np, "dtypes", None) or ()):
         if name.endswith("DType"):
             out[f"numpy.dtypes.{name}"] = TypeMarker(f"numpy.dtypes.{name}")
+    for qualname in classes:
+        out[qualname] = TypeMarker(qualname)
     p = "numpy.random._pickle."
     out[p + "__bit_generator_ctor"] = Builder(p + "__bit_generator_ctor", bitgen)
     out[p + "__generator_ctor"] = Builder(p + "__generator_ctor", from_name(npr.Generator))
