@@ -52,6 +52,7 @@ _TENSOR = TypeMarker("torch.Tensor")
 _PARAMETER = TypeMarker("torch.nn.parameter.Parameter")
 _NDARRAY = TypeMarker("numpy.ndarray")
 _MAX_DIMS = 64
+_INT_ONLY = {int}
 _TEXT_CODECS = frozenset({"latin1", "latin-1", "utf-8", "utf8", "ascii"})
 _MATERIAL = (list, tuple, dict, set, frozenset, str, bytes, bytearray)
 
@@ -63,7 +64,7 @@ def _arg_error(what: str) -> PickleError:
 def _ints(seq: Any, what: str) -> tuple[int, ...]:
     """A short tuple of ints (a size or stride) from the file, checked."""
     if not isinstance(seq, (tuple, list)) or len(seq) > _MAX_DIMS or \
-            not all(type(x) is int for x in seq):
+            not set(map(type, seq)) <= _INT_ONLY:
         raise _arg_error(f"{what} must be at most {_MAX_DIMS} ints, got {type(seq).__name__}")
     return tuple(seq)
 
