@@ -159,6 +159,10 @@ def _sized(width: int, kind: str) -> Callable[[Any, int], None]:
         (n,) = struct.unpack("<i" if signed4 else fmt, m._read(width))
         if n < 0:
             raise PickleError("negative byte count")
+        if not m.build and kind in ("bytes", "bytearray"):
+            m._skip(n)  # a scan needs no payload bytes (a numpy array's data, say)
+            m.stack.append(ANY)
+            return
         raw = m._read(n)
         if kind == "unicode":
             m._push(raw.decode("utf-8", "surrogatepass"))

@@ -90,6 +90,13 @@ class PickleMachine:
         self.pos = p + n
         return bytes(self.data[p:p + n])
 
+    def _skip(self, n: int) -> None:
+        """Advance past ``n`` bytes without copying them (same bounds as :meth:`_read`)."""
+        p = self.pos
+        if p + n > self.end_limit:
+            self._read(n)  # raises the right error
+        self.pos = p + n
+
     def _readline(self) -> bytes:
         p = self.pos
         chunk = bytes(self.data[p:min(self.end_limit, p + (1 << 16))])
