@@ -156,7 +156,7 @@ def test_allowlist_holds_only_builders_and_data():
 
     for name, value in ALLOWED.items():
         ok = isinstance(value, (Builder, TypeMarker, StorageType, torch.dtype, torch.layout,
-                                torch.memory_format)) or (isinstance(value, type) and issubclass(value, Opaque))
+                                torch.memory_format, torch.qscheme)) or (isinstance(value, type) and issubclass(value, Opaque))
         assert ok, f"{name} is allowlisted as {value!r}: only Builders and data may be"
 
 
