@@ -260,6 +260,8 @@ def test_cli_inspect_verify_ls_diff(reference, cli, capsys, monkeypatch):
     code, text = here("ls", d)
     assert code == 0 and "20" in text and "ok (latest)" in text, text
     code, text = here("inspect", os.path.join(d, "last.ckpt"))
-    assert code == 0 and "state_dict.backbone" in text, text
+    assert code == 0 and "backbone" in text and "model: 25,602 parameters" in text, text
+    assert "optimizer 'optimizer_states.0': SGD-style" in text, text  # found inside the list
+    assert "scheduler 'lr_schedulers.0'" in text, text
     code, text = here("diff", os.path.join(d, "epoch=2-step=15.ckpt"), os.path.join(d, "last.ckpt"))
     assert code in (0, 1) and "head.weight" in text, text

@@ -162,12 +162,18 @@ def describe_model(ck: Any) -> ModelPart:
 
 def _find(obj: Any, test, prefix: str = "", depth: int = 0) -> list[tuple[str, Any]]:
     """Mappings below ``obj`` (itself included) for which ``test`` holds, outermost first."""
-    if depth > 6 or not isinstance(obj, Mapping):
+    if depth > 6:
         return []
-    if test(obj):
-        return [(prefix, obj)]
+    if isinstance(obj, (list, tuple)):  # Lightning keeps optimizer_states and lr_schedulers in lists
+        items: Any = enumerate(obj)
+    elif isinstance(obj, Mapping):
+        if test(obj):
+            return [(prefix, obj)]
+        items = obj.items()
+    else:
+        return []
     out = []
-    for k, v in obj.items():
+    for k, v in items:
         out.extend(_find(v, test, _tree.join(prefix, k), depth + 1))
     return out
 
