@@ -14,8 +14,12 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
-	# torchvision (for timm in the tests only) beside, not in, the environment: see tests/_timm.py
+	# DS_BUILD_OPS=0: DeepSpeed (a test-only writer) builds no C++/CUDA ops; it runs on its CPU accelerator
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	# timm without its torchvision requirement (the only torchvision wheel for torch 2.13 is a CUDA
+	# build); its other needs come with transformers. torchvision (for timm in the tests only) goes
+	# beside, not in, the environment: see tests/_timm.py
+	$(PY) -m pip install --quiet -c constraints.txt --no-deps 'timm>=1.0'
 	$(PY) -m pip install --quiet --no-deps --target $(VENV)/torchvision-nodeps torchvision==0.28.0 \
 	  || echo "note: torchvision not installed; the timm tests will be skipped"
 	touch $(STAMP)
