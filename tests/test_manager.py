@@ -123,7 +123,7 @@ def test_uncommitted_folder_is_never_chosen_and_is_collected(tmp_path):
     train_step(st)
     mgr.save(st)                                           # first save collects the leftovers
     mgr.close()
-    assert sorted(n for n in os.listdir(d) if n != ".lock") == ["blobs", "step-00000001", "step-00000002"]
+    assert sorted(n for n in os.listdir(d) if n != ".lock") == ["blobs", "copies", "step-00000001", "step-00000002"]
     assert not os.path.exists(orphan) and not any(n.startswith(".tmp-") for n in blobs(d))
 
 
@@ -158,7 +158,7 @@ def test_unchanged_tensors_are_written_once_and_rotation_counts_references(tmp_p
 
 @pytest.mark.parametrize("async_save", [True, False])
 def test_change_behind_the_version_counter_is_still_saved(tmp_path, async_save):
-    """Unchanged-looking tensors (same storage, same version counter) skip sha256 but not crc32:
+    """Unchanged-looking tensors (same storage, same version counter) skip sha256 but not xxh3:
     writes through .data or numpy, which torch does not count, still reach the checkpoint."""
     d = str(tmp_path / "run")
     st = make_state(frozen=True)
@@ -170,10 +170,12 @@ def test_change_behind_the_version_counter_is_still_saved(tmp_path, async_save):
         body.detach().numpy()[0, 0] = 42.0     # none either
         assert body._version == version
         mgr.save(st, step=2)
-        mgr.save(st, step=3)                   # unchanged since step 2: reused, nothing written
+        mgr.save(st, step=3)                   # unchanged since step 2: shared, its second copy
+        mgr.save(st, step=4)                   # is written once; then nothing is written
         mgr.wait()
         infos = {i.step: i for i in mgr.list()}
-    assert infos[2].written > body.nbytes and infos[3].written < body.nbytes
+    assert infos[2].written > body.nbytes and infos[4].written < body.nbytes
+    assert body.nbytes < infos[3].written < 2 * body.nbytes
     st2 = make_state(seed=4, frozen=True)
     assert CheckpointManager(d).restore(st2, 2) == 2
     assert torch.equal(st2.model.body.weight, body) and st2.model.body.weight[0, 0] == 42.0
@@ -241,7 +243,7 @@ def test_damaged_newest_falls_back_with_warning_and_verify_reports(tmp_path, cap
     st2 = make_state(seed=5)
     with caplog.at_level(logging.WARNING, logger="torchkeep.keep.manager"):
         assert CheckpointManager(d).restore(st2) == 1
-    assert "crc32 mismatch" in caplog.text and "step-00000002" in caplog.text
+    assert "xxh3 mismatch" in caplog.text and "step-00000002" in caplog.text
     assert same_model(st2.model, good.model)
     with pytest.raises(CorruptCheckpointError, match="model.body.weight"):
         CheckpointManager(d).restore(make_state(), 2)      # an explicit step never falls back
@@ -311,18 +313,21 @@ def test_writer_error_is_raised_at_next_save_and_wait(tmp_path, monkeypatch):
     monkeypatch.setattr(native.NativeWriter, "write", boom)
     train_step(st)
     mgr.save(st)                        # returns: the write fails in the background
-    with pytest.raises(OSError, match="No space left"):
-        mgr.save(st)                    # ... and is raised here, not lost
+    mgr._thread.join()
     monkeypatch.undo()
+    with pytest.raises(torchkeep.errors.SaveError, match="step 1: No space left .*step-00000001") as e:
+        mgr.save(st, step=2)            # ... is raised here, once this save is under way
+    assert isinstance(e.value.__cause__, OSError) and e.value.step == 1
+    mgr.wait()                          # step 2 was still saved; the error was raised once
     mgr.save(st, step=7)
     mgr.wait()
     monkeypatch.setattr(native.NativeWriter, "write", boom)
     mgr.save(st, step=8)
-    with pytest.raises(OSError):
+    with pytest.raises(torchkeep.errors.SaveError, match="step 8: .*2 earlier checkpoints intact"):
         mgr.wait()
     mgr.wait()                          # raised once
     mgr.close()
-    assert [i.step for i in CheckpointManager(d).list()] == [7]
+    assert [i.step for i in CheckpointManager(d).list()] == [2, 7]
 
 
 def test_sigterm_flushes_pending_save_then_chains(tmp_path, monkeypatch):
@@ -382,7 +387,7 @@ def test_fsspec_memory_url(tmp_path):
     fs = fsspec.filesystem("memory")
     root = f"/torchkeep-test-{os.getpid()}/run"
     names = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
-    assert names == {"blobs", "step-00000003", "step-00000004"}
+    assert names == {"blobs", "copies", "step-00000003", "step-00000004"}
     st2 = make_state(seed=8, frozen=True)
     assert CheckpointManager(url).restore(st2) == 4 and same_model(st.model, st2.model)
     assert all(i.status == "ok" for i in CheckpointManager(url).verify(deep=True))

@@ -62,6 +62,16 @@ class StateError(TorchkeepError):
     """Some part of a training state cannot be captured or restored."""
 
 
+class SaveError(StateError):
+    """A checkpoint save that failed: names the step, the file and the cause (``__cause__``)."""
+
+    def __init__(self, message: str, *, step: int, path: str | None = None,
+                 hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)  # the message names the file already
+        self.path = path
+        self.step = step
+
+
 class SurgeryError(TorchkeepError):
     """A module path that does not exist, or an edit that cannot be made."""
 

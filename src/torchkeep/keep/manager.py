@@ -8,6 +8,8 @@ its commit record does; rotation removes a checkpoint's commit record before its
 deletes only blobs that no committed checkpoint refers to, so a crash at any point leaves every
 kept checkpoint whole. The first save of a manager takes the folder's writer lock and collects
 what a crashed writer left behind (uncommitted folders, temporary files, unreferenced blobs).
+The write, fsync and rename order, the second copies of shared blobs and the checks a writer
+makes before it trusts a file are in docs/ARCHITECTURE.md ("The checkpoint store under faults").
 
 Multi-rank writers plug in at the same seams: every rank writes its part of the folder
 (``Snapshot`` → ``writer.write``), then one rank calls ``native.commit`` and rotates.
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Mapping
@@ -26,32 +27,40 @@ import torch
 
 from torchkeep.errors import CorruptCheckpointError, StateError
 from torchkeep.keep.commits import CommitEntry, plain_metrics, resolve_step
+from torchkeep.keep.folderid import FolderIdentity
+from torchkeep.keep.lifetime import FlushOnExit
+from torchkeep.keep.readsnapshot import load_newest_good, still_committed
 from torchkeep.keep.retention import CheckpointInfo, ranked_best, steps_to_keep
 from torchkeep.keep.retention import tensor_signatures as _signatures
 from torchkeep.keep.retention import unchanged_since as _unchanged
+from torchkeep.keep.savefailure import guarded, watch
 from torchkeep.keep.staging import Stager
 from torchkeep.keep.trainstate import TrainState
+from torchkeep.keep.writerstart import collect, take_lock
 from torchkeep.read.formats import native
 from torchkeep.read.formats.native import Snapshot
 from torchkeep.store import typedjson as serial
-from torchkeep.store.backends import LockedError, storage_for
+from torchkeep.store.backends import storage_for
 from torchkeep.store.blobs import BlobStore
-from torchkeep.store.files import is_tmp
+from torchkeep.store.checksums import entry_token
+from torchkeep.store.commitrecord import has_record
 
 log = logging.getLogger(__name__)
 
 Which = Literal["latest", "best"] | int
 
 
-class CheckpointManager:
+class CheckpointManager(FlushOnExit):
     """Saves training states into ``directory`` (a folder, or an fsspec URL such as ``memory://x``).
 
     ``keep_last`` newest and ``keep_best`` best (by ``metrics[monitor]``, ``mode`` 'min' or 'max')
     checkpoints are kept, the newest always; ``keep_last=None`` keeps all. ``should_save(step)``
     says whether ``every_steps`` / ``every_seconds`` ask for a save. With ``async_save`` a save
     returns once the state is copied to CPU memory and is written by a background thread (at most
-    one pending; its error is raised by the next ``save``/``wait``). Use it as a context manager
-    to flush pending saves on exit and on SIGTERM/SIGINT.
+    one pending). A failed background save frees its partial checkpoint at once and raises a
+    :class:`~torchkeep.errors.SaveError` (step, file, cause) once: from the next ``save`` (after
+    that save was started) or ``wait``/``close``; at interpreter exit it is logged at ERROR.
+    Use it as a context manager to flush pending saves on exit and on SIGTERM/SIGINT.
     """
 
     def __init__(self, directory: str | os.PathLike, keep_last: int | None = 3, keep_best: int = 0,
@@ -78,8 +87,9 @@ class CheckpointManager:
         self._entries: dict[int, CommitEntry] | None = None   # the writer's view, from the first save on
         self._lock_cm: Any = None
         self._stager = Stager()  # host buffers of the snapshot, reused by every save
-        # key -> (live tensor, version counter, blob digest, crc32) of the last written save
-        self._prev: dict[str, tuple[torch.Tensor, int, str, int]] = {}
+        # key -> (live tensor, version counter, blob digest, checksum token) of the last save
+        self._prev: dict[str, tuple[torch.Tensor, int, str, str]] = {}
+        self._identity: FolderIdentity | None = None
         self._last_save = time.monotonic()
         self._last_saved_step: int | None = None   # by step_done(): never the same step twice
         self._handlers: dict[int, Any] = {}
@@ -127,6 +137,8 @@ class CheckpointManager:
         try:
             rec = native.read_commit(self.storage, folder)
         except CorruptCheckpointError as e:
+            if not has_record(self.storage, folder):  # removed by rotation while we read it
+                return CheckpointInfo(step, folder, status="uncommitted")
             return CheckpointInfo(step, folder, status="damaged", problems=[e.detail])
         if rec is None:
             return CheckpointInfo(step, folder, status="uncommitted")
@@ -171,6 +183,9 @@ class CheckpointManager:
         for info in self.list(include_uncommitted=True):
             if info.status == "ok":
                 problems = native.verify_folder(self.storage, info.path, deep=deep)
+                if problems and not still_committed(self.storage, info):
+                    log.info("%s was removed (rotation) while it was verified", info.path)
+                    continue
                 if problems:
                     info.status = "damaged"
                     info.problems = [str(p) for p in problems]
@@ -193,9 +208,22 @@ class CheckpointManager:
         if distributed.handles(self, state):
             return distributed.ShardedCheckpointing.of(self).save(state, step, metrics)
         # -----------------------------------------------------------------------------------------
-        self.wait()
+        earlier = self._join()  # a failed previous save is raised once this one is under way
+        try:
+            self._save(state, step, metrics)
+        except BaseException:
+            if earlier is not None:
+                log.error("%s", earlier)
+            raise
+        if earlier is not None:
+            raise earlier
+
+    def _save(self, state: TrainState | Mapping[str, Any], step: int | None,
+              metrics: Mapping[str, Any] | None) -> None:
         step = resolve_step(state, step)
         self._begin_writing()
+        if self._identity is not None:
+            self._identity.check("save")
         # -- torchkeep.keep.doctor.live: the run's fingerprint, checked when a run resumes from here ---------
         if isinstance(state, TrainState):
             from torchkeep.keep.doctor import live as doctor
@@ -258,26 +286,46 @@ class CheckpointManager:
             assert self._entries is not None
             self._entries.pop(step, None)
 
-    def _known_blobs(self) -> dict[str, int]:
-        """Blob digest -> crc32 of every blob a kept checkpoint refers to."""
-        known: dict[str, int] = {}
+    def _known_blobs(self) -> dict[str, str]:
+        """Blob digest -> checksum token of every blob a kept checkpoint refers to."""
+        known: dict[str, str] = {}
         with self._mutex:
             for e in (self._entries or {}).values():
                 known.update(e.refs or {})
         return known
 
-    def _committed(self, step: int, info: CheckpointInfo, blobs: dict[str, int],
+    def _committed(self, step: int, info: CheckpointInfo, blobs: dict[str, str],
                    unchanged: dict[str, Any] | None = None) -> None:
         """``step`` is committed: file it, remember what it wrote for the next save's
-        unchanged-tensor test, then rotate."""
+        unchanged-tensor test, then rotate (a failed rotation is logged and retried by the next
+        save: the checkpoint itself is safe)."""
         with self._mutex:
             assert self._entries is not None
             self._entries[step] = CommitEntry(info, blobs)
             self._prev = unchanged or {}
-        self._rotate()
+        try:
+            self._rotate()
+        except Exception as e:  # noqa: BLE001
+            log.error("step %d is saved, but rotation failed (%s); older checkpoints stay until "
+                      "the next save retries", step, e)
 
-    def _write(self, step: int, snap: Snapshot, mjson: Any, plain: dict[str, Any],
-               hints: dict[str, tuple[str, int]] | None = None,
+    def _write(self, step: int, *rest: Any) -> None:
+        """Write one checkpoint; on failure free its partial folder and new blobs at once and
+        raise a SaveError naming the step, the file and the cause."""
+        folder = self.storage.join(self.root, native.step_dirname(step))
+        guarded(step, folder, lambda: self._write_checkpoint(step, *rest),
+                lambda: self._free(step, folder), lambda: len(self._entries or {}))
+
+    def _free(self, step: int, folder: str) -> None:
+        with self._mutex:
+            committed = step in (self._entries or {})
+        if not committed:
+            native.uncommit(self.storage, folder)
+            self.storage.rmtree(folder)
+        self._collect_blobs()
+
+    def _write_checkpoint(self, step: int, snap: Snapshot, mjson: Any, plain: dict[str, Any],
+                          hints: dict[str, tuple[str, str]] | None = None,
                sigs: dict[str, tuple[torch.Tensor, int]] | None = None) -> None:
         from torchkeep.version import __version__
 
@@ -300,9 +348,11 @@ class CheckpointManager:
             fingerprint = self._fingerprints.pop(step, None)
         if fingerprint is not None:
             record["doctor"] = fingerprint
+        if self._identity is not None:
+            self._identity.check("commit")
         native.commit(st, folder, record)
         info = CheckpointInfo(step, folder, created, plain, res.nbytes, res.written)
-        unchanged = {k: (*sigs[k], e["blob"], e["crc32"]) for k, e in res.entries.items()
+        unchanged = {k: (*sigs[k], e["blob"], entry_token(e)) for k, e in res.entries.items()
                      if e.get("blob") and sigs and k in sigs}
         log.debug("saved step %d: %d bytes, %d written", step, res.nbytes, res.written)
         self._committed(step, info, res.blobs, unchanged)
@@ -315,6 +365,8 @@ class CheckpointManager:
         with self._mutex:
             keep = self._keep([e.info for e in entries.values()])
             drop = [s for s in entries if s not in keep]
+        if drop and self._identity is not None:
+            self._identity.check("rotate")
         for s in drop:
             folder = entries[s].info.path
             native.uncommit(self.storage, folder)
@@ -330,7 +382,10 @@ class CheckpointManager:
             live: set[str] = set()
             for e in entries.values():
                 live.update(e.refs or {})
-        for digest in self.blobs.names() - live:
+        guard = self.writer.guard
+        dead = (self.blobs.names() | guard.names()) - live
+        guard.delete(dead)   # the second copy first: a copy never outlives its blob's refs
+        for digest in dead:
             self.blobs.delete(digest)
 
     def _begin_writing(self) -> None:
@@ -338,41 +393,23 @@ class CheckpointManager:
         left (temporary files, uncommitted folders, blobs no committed checkpoint refers to)."""
         if self._entries is not None:
             return
-        st = self.storage
-        st.makedirs(self.root)
-        cm = st.lock(st.join(self.root, ".lock"))
-        try:
-            cm.__enter__()
-        except LockedError as e:
-            raise StateError(f"another writer holds this folder (pid {e.holder})", entry=None,
-                             hint="one CheckpointManager per folder saves at a time; close() the other "
-                                  "one or use another directory") from None
-        self._lock_cm = cm
-        entries: dict[int, CommitEntry] = {}
-        for name in st.listdir(self.root):
-            path = st.join(self.root, name)
-            if is_tmp(name):
-                st.rmtree(path) if st.isdir(path) else st.remove(path)
-                continue
-            step = native.parse_step(name)
-            if step is None:
-                continue
-            if not st.exists(st.join(path, native.COMMIT)):
-                log.info("removing %s: never committed (a save was interrupted)", path)
-                st.rmtree(path)
-                continue
-            info = self._info(step, path)
-            refs = native.manifest_blob_refs(st, path)
-            entries[step] = CommitEntry(info, refs)
-        for name in self.blobs.leftovers():
-            st.remove(st.join(self.blobs.folder, name))
-        self.blobs.forget()
+        self._lock_cm = take_lock(self.storage, self.root)
+        found, self._identity = collect(self.storage, self.root, self.blobs, self.writer.guard,
+                                        self._info)
+        entries = {step: CommitEntry(info, refs) for step, (info, refs) in found.items()}
         with self._mutex:
             self._entries = entries
         self._collect_blobs()
+        watch(self)
 
     def wait(self) -> None:
-        """Block until the pending save is written; raise its error if it failed."""
+        """Block until the pending save is written; raise its error (once) if it failed."""
+        err = self._join()
+        if err is not None:
+            raise err
+
+    def _join(self) -> BaseException | None:
+        """Wait for the pending save; its error (taken: reported once), or None."""
         with self._mutex:
             t = self._thread
         if t is not None:
@@ -382,8 +419,7 @@ class CheckpointManager:
                     self._thread = None
         with self._mutex:
             err, self._error = self._error, None
-        if err is not None:
-            raise err
+        return err
 
     # -- restoring ------------------------------------------------------------------------
     def _candidates(self, which: Which) -> list[CheckpointInfo]:
@@ -412,24 +448,7 @@ class CheckpointManager:
     def _load(self, which: Which, allow_pickle: bool, verify: bool = True
               ) -> tuple[CheckpointInfo, Any] | None:
         self.wait()
-        cands = self._candidates(which)
-        if not cands:
-            return None
-        errors = []
-        for info in cands:
-            try:
-                tree = self._read(info.path, allow_pickle, verify)
-            except CorruptCheckpointError as e:
-                errors.append(e)
-                if isinstance(which, int):
-                    raise
-                log.warning("checkpoint %s is damaged (%s); trying an older one", info.path, e)
-                continue
-            if errors:
-                log.warning("resuming from %s instead of the damaged newer checkpoint(s)", info.path)
-            return info, tree
-        raise CorruptCheckpointError(f"all {len(cands)} checkpoints are damaged; the newest: {errors[0]}",
-                                     path=self.root, hint="torchkeep verify shows the details")
+        return load_newest_good(self, which, lambda info: self._read(info.path, allow_pickle, verify))
 
     def _read(self, folder: str, allow_pickle: bool, verify: bool = True) -> Any:
         manifest = native.read_manifest(self.storage, folder)
@@ -454,7 +473,7 @@ class CheckpointManager:
                 migrate: Any = False) -> int | None:
         """Load a checkpoint into ``state`` and return its step; None in a folder without one.
 
-        Every tensor is checked against its crc32 first, before anything is loaded into
+        Every tensor is checked against its checksum first, before anything is loaded into
         ``state`` (``verify=False`` skips the check: faster, and blind to damage). With
         ``which='latest'`` (or 'best'), a damaged checkpoint is skipped with a warning in favour
         of the next good one; a given step is never replaced by another.
@@ -520,42 +539,6 @@ class CheckpointManager:
             if self._lock_cm is not None:
                 self._lock_cm.__exit__(None, None, None)
                 self._lock_cm = None
-
-    def __enter__(self) -> "CheckpointManager":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                try:
-                    self._handlers[sig] = signal.signal(sig, self._on_signal)
-                except (ValueError, OSError):  # pragma: no cover - not allowed here
-                    pass
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        for sig, prev in self._handlers.items():
-            try:
-                signal.signal(sig, prev)
-            except (ValueError, OSError, TypeError):  # pragma: no cover
-                pass
-        self._handlers.clear()
-        try:
-            self.close()
-        except BaseException:
-            if exc_type is None:
-                raise
-            log.error("the pending checkpoint save failed while handling another error", exc_info=True)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        """Flush the pending save, then do what the previous handler would have done."""
-        try:
-            self.wait()
-        except BaseException:
-            log.error("the pending checkpoint save failed", exc_info=True)
-        prev = self._handlers.get(signum, signal.SIG_DFL)
-        if callable(prev):
-            prev(signum, frame)
-        elif prev == signal.SIG_DFL:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
 
     def __repr__(self) -> str:
         return (f"CheckpointManager({self.directory!r}, keep_last={self.keep_last}, "

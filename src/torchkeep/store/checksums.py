@@ -1,10 +1,18 @@
 """Checksums of bytes and tensors. sha256 names content (collision resistant, hardware
-accelerated on most CPUs); crc32 checks reads quickly where the name is already known."""
+accelerated on most CPUs). Reads are checked with xxh3-64 (the ``xxhash`` C extension: about
+10 GiB/s on one core, and it releases the GIL, so reading, copying and checking overlap on
+threads); zlib's crc32 is still read for checkpoints written before it.
+
+A per-tensor checksum travels as a *token*, ``"xxh3:<16 hex digits>"`` or ``"crc32:<decimal>"``,
+so callers compare and store values without caring which algorithm made them. A manifest entry
+holds ``"xxh3": "<hex>"`` (new) or ``"crc32": <int>`` (old)."""
 from __future__ import annotations
 
 import hashlib
 import zlib
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+import xxhash
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -43,3 +51,59 @@ def sha256_parts(parts: "Iterable[bytes | memoryview]") -> str:
     for p in parts:
         h.update(p)
     return h.hexdigest()
+
+
+ALGO = "xxh3"            # what new checkpoints are written with
+CHUNK = 4 << 20          # feed hashes in pieces that stay in the CPU cache
+
+
+class Hasher:
+    """A streaming checksum of one algorithm (``update`` pieces, then ``token``)."""
+
+    def __init__(self, algo: str = ALGO) -> None:
+        if algo not in ("xxh3", "crc32"):
+            raise ValueError(f"unknown checksum algorithm {algo!r}")
+        self.algo = algo
+        self._x = xxhash.xxh3_64() if algo == "xxh3" else None
+        self._crc = 0
+
+    def update(self, data: "bytes | memoryview") -> None:
+        if self._x is not None:
+            self._x.update(data)
+        else:
+            self._crc = zlib.crc32(data, self._crc)
+
+    def token(self) -> str:
+        if self._x is not None:
+            return f"xxh3:{self._x.intdigest():016x}"
+        return f"crc32:{self._crc}"
+
+
+def token_of(data: "bytes | memoryview", algo: str = ALGO, chunk: int = 64 << 20) -> str:
+    """The checksum token of a buffer (in chunks: large buffers release the GIL piecewise)."""
+    mv = memoryview(data).cast("B")
+    if algo == "xxh3" and len(mv) <= chunk:
+        return f"xxh3:{xxhash.xxh3_64_intdigest(mv):016x}"
+    h = Hasher(algo)
+    for i in range(0, len(mv), chunk):
+        h.update(mv[i:i + chunk])
+    return h.token()
+
+
+def algo_of(token: str) -> str:
+    return token.split(":", 1)[0]
+
+
+def entry_token(entry: Mapping[str, Any]) -> str | None:
+    """The checksum token of a manifest entry (xxh3 preferred, crc32 for old checkpoints)."""
+    if isinstance(entry.get("xxh3"), str):
+        return f"xxh3:{entry['xxh3']}"
+    if isinstance(entry.get("crc32"), int):
+        return f"crc32:{entry['crc32']}"
+    return None
+
+
+def entry_fields(token: str) -> dict[str, Any]:
+    """The manifest fields that record ``token`` (the inverse of :func:`entry_token`)."""
+    algo, value = token.split(":", 1)
+    return {"xxh3": value} if algo == "xxh3" else {"crc32": int(value)}

@@ -21,9 +21,10 @@ MANIFEST = "manifest.json"
 COMMIT = "commit.json"
 PACK = "tensors.safetensors"
 BLOB_DIR = "blobs"
+COPY_DIR = "copies"          # second copies of blobs that more than one checkpoint refers to
 STEP_PREFIX = "step-"
 BLOB_MIN_BYTES = 64 << 10   # tensors at least this large get their own deduplicated blob
-IO_THREADS = 4              # hashing, crc32, writes and reads release the GIL
+IO_THREADS = 4              # hashing, checksums, writes and reads release the GIL
 
 _ST_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

@@ -17,8 +17,10 @@ import torch
 from torchkeep.store import typedjson as serial
 from torchkeep.store.backends import Storage
 from torchkeep.store.blobs import BlobStore
-from torchkeep.store.checksums import crc32, sha256_parts, tensor_bytes
-from torchkeep.store.layout import (BLOB_DIR, BLOB_MIN_BYTES, COMMIT, FORMAT, IO_THREADS, MANIFEST,
+from torchkeep.store.checksums import ALGO, algo_of, entry_fields, sha256_parts, tensor_bytes, token_of
+from torchkeep.store.commitrecord import commit, uncommit
+from torchkeep.store.copies import BlobGuard
+from torchkeep.store.layout import (BLOB_DIR, BLOB_MIN_BYTES, COPY_DIR, FORMAT, IO_THREADS, MANIFEST,
                                     PACK, VERSION, st_header)
 
 
@@ -46,7 +48,7 @@ class WriteResult:
 
     folder: str
     manifest_sha256: str
-    blobs: dict[str, int]      # digest -> crc32 of every blob the manifest refers to
+    blobs: dict[str, str]      # digest -> checksum token of every blob the manifest refers to
     nbytes: int                # bytes of all tensors in the checkpoint
     written: int               # bytes actually written (new blobs, the pack, the manifest)
     entries: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> manifest entry
@@ -56,15 +58,17 @@ class NativeWriter:
     """Writes one checkpoint folder of the native format: new blobs, the pack, the manifest.
 
     Large tensors are hashed (sha256 of their safetensors file) and written only if no kept
-    checkpoint holds the same bytes (``known``: digest -> crc32). Hashing, crc32 and writes run
-    on a few threads so that hashing one tensor overlaps writing another. Every file is durable
-    (fsynced, renamed, folders synced) when ``write`` returns; the commit is left to :func:`commit`.
+    checkpoint holds the same bytes (``known``: digest -> checksum token). Hashing, checksums
+    and writes run on a few threads so that hashing one tensor overlaps writing another. Every
+    file is durable (fsynced, renamed, folders synced) when ``write`` returns; the commit is left
+    to :func:`commit`. A kept blob is referenced again only through :meth:`BlobGuard.reuse`
+    (evidence that both of its files are intact; a second copy once it is shared).
 
-    ``hints`` (key -> (digest, crc32)) name tensors the caller believes unchanged since a kept
-    checkpoint (same storage, same version counter). For those, crc32 (about 2.5x faster than
-    sha256) decides: equal -> the kept blob is reused without hashing; else the tensor is
-    hashed like any other. A wrong belief costs nothing; only a tensor changed behind torch's
-    version counter *and* colliding in crc32 (2**-32) would be missed.
+    ``hints`` (key -> (digest, token)) name tensors the caller believes unchanged since a kept
+    checkpoint (same storage, same version counter). For those, xxh3 (far faster than sha256)
+    decides: equal -> the kept blob is reused without hashing; else the tensor is hashed like
+    any other. A wrong belief costs nothing; only a tensor changed behind torch's version
+    counter *and* colliding in xxh3-64 (2**-64) would be missed.
     """
 
     def __init__(self, storage: Storage, blobs: BlobStore, *, threads: int = IO_THREADS,
@@ -73,61 +77,80 @@ class NativeWriter:
         self.blobs = blobs
         self.threads = threads
         self.blob_min_bytes = blob_min_bytes
+        self.guard = BlobGuard(storage, blobs)
 
-    def write(self, folder: str, snap: Snapshot, *, known: Mapping[str, int],
+    def write(self, folder: str, snap: Snapshot, *, known: Mapping[str, str],
               meta: Mapping[str, Any],
               extra_tensors: Mapping[str, Mapping[str, Any]] | None = None,
-              hints: Mapping[str, tuple[str, int]] | None = None) -> WriteResult:
+              hints: Mapping[str, tuple[str, str]] | None = None) -> WriteResult:
         # ``extra_tensors``: manifest entries of tensors whose bytes other writers put in the
         # folder (torchkeep.keep.sharded.checkpointing: each rank's shards, see formats/sharded.py).
         st = self.storage
         st.makedirs(folder)
         st.makedirs(self.blobs.folder)
+        st.makedirs(self.guard.folder)
+        # The new folder's name must be durable before anything (rotation) relies on it.
+        st.sync_dir(folder.rstrip("/").rsplit("/", 1)[0] if "/" in folder.rstrip("/") else ".")
         small = [(k, t) for k, t in snap.tensors.items() if t.nbytes < self.blob_min_bytes]
         large = [(k, t) for k, t in snap.tensors.items() if t.nbytes >= self.blob_min_bytes]
         lock = threading.Lock()
         claimed: set[str] = set()
         written = [0]
         entries: dict[str, dict[str, Any]] = {}
-        refs: dict[str, int] = {}
+        refs: dict[str, str] = {}
 
-        def info(key: str, t: torch.Tensor, crc: int) -> dict[str, Any]:
-            e = {"dtype": serial.dtype_name(t.dtype), "shape": list(t.shape), "crc32": crc}
+        def info(key: str, t: torch.Tensor, tok: str) -> dict[str, Any]:
+            e = {"dtype": serial.dtype_name(t.dtype), "shape": list(t.shape), **entry_fields(tok)}
             if key in snap.devices:
                 e["device"] = snap.devices[key]
             return e
 
-        def put(item: tuple[str, torch.Tensor]) -> tuple[str, dict[str, Any], str, int]:
+        def reuse(key: str, t: torch.Tensor, digest: str, tok: str, old: str,
+                  header: bytes, mv: memoryview) -> tuple[str, dict[str, Any], str, str]:
+            n = self.guard.reuse(digest, old, (header, mv))
+            if n:
+                with lock:
+                    written[0] += n
+            e = info(key, t, tok)
+            e["blob"] = digest
+            return key, e, digest, tok
+
+        def put(item: tuple[str, torch.Tensor]) -> tuple[str, dict[str, Any], str, str]:
             key, t = item
             mv = tensor_bytes(t)
-            crc = None
+            header = st_header([("data", t.dtype, t.shape, len(mv))])
+            tok = None
             hint = hints.get(key) if hints else None
             if hint is not None:
-                crc = crc32(mv)
-                h_digest, h_crc = hint
-                if crc == h_crc and known.get(h_digest) == crc and self.blobs.has(h_digest):
-                    e = info(key, t, crc)
-                    e["blob"] = h_digest
-                    return key, e, h_digest, crc
-            header = st_header([("data", t.dtype, t.shape, len(mv))])
+                h_digest, h_tok = hint
+                tok = token_of(mv, algo_of(h_tok))
+                if tok == h_tok and known.get(h_digest) == tok and self.blobs.has(h_digest):
+                    if algo_of(tok) != ALGO:
+                        tok = token_of(mv)
+                    return reuse(key, t, h_digest, tok, h_tok, header, mv)
+                if algo_of(tok) != ALGO:
+                    tok = None
             digest = sha256_parts((header, mv))
+            if tok is None:
+                tok = token_of(mv)
             with lock:
                 if digest in known and self.blobs.has(digest):
-                    crc, new = known[digest], False
+                    new = None
                 elif digest in claimed:
                     new = False
                 else:
                     claimed.add(digest)
                     new = True
-            if crc is None:
-                crc = crc32(mv)
+            if new is None:
+                return reuse(key, t, digest, tok, known[digest], header, mv)
             if new:
                 self.blobs.put(digest, (header, mv))
+                self.guard.wrote(digest)
                 with lock:
                     written[0] += len(header) + len(mv)
-            e = info(key, t, crc)
+            e = info(key, t, tok)
             e["blob"] = digest
-            return key, e, digest, crc
+            return key, e, digest, tok
 
         # Largest first: the long jobs start early and the small ones fill the gaps.
         large.sort(key=lambda kt: -kt[1].nbytes)
@@ -135,20 +158,20 @@ class NativeWriter:
             futures = [pool.submit(put, item) for item in large]
             pack_future = pool.submit(self._write_pack, folder, small) if small else None
             for f in futures:
-                key, e, digest, crc = f.result()
+                key, e, digest, tok = f.result()
                 entries[key] = e
-                refs[digest] = crc
+                refs[digest] = tok
             if pack_future is not None:
-                crcs, n = pack_future.result()
+                toks, n = pack_future.result()
                 written[0] += n
                 for key, t in small:
-                    e = info(key, t, crcs[key])
+                    e = info(key, t, toks[key])
                     e["file"] = PACK
                     entries[key] = e
         manifest = {
             "format": FORMAT, "version": VERSION, "kind": "training-state",
             **{k: v for k, v in meta.items()},
-            "blobs": "../" + BLOB_DIR,
+            "blobs": "../" + BLOB_DIR, "copies": "../" + COPY_DIR,
             "tensors": {**{k: entries[k] for k in snap.tensors}, **dict(extra_tensors or {})},
             "state": snap.tree,
         }
@@ -157,30 +180,19 @@ class NativeWriter:
         written[0] += len(data)
         if large:
             self.blobs.sync()
+            self.guard.sync()
         st.sync_dir(folder)
         return WriteResult(folder, hashlib.sha256(data).hexdigest(), refs, snap.nbytes, written[0],
                            entries)
 
-    def _write_pack(self, folder: str, small: list[tuple[str, torch.Tensor]]) -> tuple[dict[str, int], int]:
+    def _write_pack(self, folder: str, small: list[tuple[str, torch.Tensor]]) -> tuple[dict[str, str], int]:
         views = [(k, t, tensor_bytes(t)) for k, t in small]
         header = st_header([(k, t.dtype, t.shape, len(mv)) for k, t, mv in views],
                            {"format": FORMAT})
-        crcs = {k: crc32(mv) for k, _, mv in views}
+        toks = {k: token_of(mv) for k, _, mv in views}
         self.storage.write_file(self.storage.join(folder, PACK), [header, *(mv for _, _, mv in views)],
                                 sync_dir=False)
-        return crcs, len(header) + sum(len(mv) for _, _, mv in views)
+        return toks, len(header) + sum(len(mv) for _, _, mv in views)
 
 
-def commit(storage: Storage, folder: str, record: Mapping[str, Any]) -> None:
-    """Write the commit record of ``folder``, last: from now on the checkpoint exists."""
-    data = json.dumps({"format": FORMAT, "version": VERSION, **record}, separators=(",", ":"),
-                      allow_nan=False).encode()
-    storage.write_file(storage.join(folder, COMMIT), [data], sync_dir=True)
-
-
-def uncommit(storage: Storage, folder: str) -> None:
-    """Remove the commit record first (durably), so a crash while deleting leaves no half checkpoint."""
-    path = storage.join(folder, COMMIT)
-    if storage.exists(path):
-        storage.remove(path)
-        storage.sync_dir(folder)
+__all__ = ["Snapshot", "WriteResult", "NativeWriter", "commit", "uncommit"]

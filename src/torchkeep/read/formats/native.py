@@ -9,9 +9,14 @@ else in typed JSON, a manifest with a checksum per tensor, and a commit record w
       step-00000100/
         tensors.safetensors              this checkpoint's small tensors (< 64 KiB each)
         manifest.json                    the state as typed JSON (see torchkeep.store.typedjson) and, for
-                                         each tensor, dtype, shape, crc32 and where its bytes are
-        commit.json                      written last; the checkpoint exists once this does. It
-                                         holds the manifest's sha256, the step, time and metrics.
+                                         each tensor, dtype, shape, xxh3 (crc32 before) and where
+                                         its bytes are
+        commit.json, commit.copy.json    written last (twice, see torchkeep.store.commitrecord); the
+                                         checkpoint exists once this does. It holds the manifest's
+                                         sha256, the step, time and metrics, sealed by its own xxh3.
+      copies/<sha256>.safetensors        second copy of each blob that more than one checkpoint
+                                         refers to (read only when the first fails; see
+                                         torchkeep.store.copies)
 
 Nothing is pickled unless the state was saved with ``allow_pickle=True``; such values are read
 with the restricted unpickler (placeholders, no imports) unless the reader is trusted.
@@ -31,9 +36,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import mmap
 import os
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Container, Iterable, Mapping, Sequence
 
@@ -41,9 +44,11 @@ import torch
 
 from torchkeep.errors import CorruptCheckpointError, FormatError
 from torchkeep.read.formats.base import Reader, TensorRef
+from torchkeep.read.formats.nativeblobs import READ_CHUNK, blob_problem, mismatch, read_blob, unreadable
 from torchkeep.store import typedjson as serial
 from torchkeep.store.backends import Storage, storage_for
-from torchkeep.store.checksums import crc32, tensor_bytes
+from torchkeep.store.checksums import algo_of, entry_token, tensor_bytes, token_of
+from torchkeep.store.commitrecord import COMMIT_COPY, commit_state, read_commit
 from torchkeep.store.layout import (BLOB_DIR, BLOB_MIN_BYTES, COMMIT, FORMAT, IO_THREADS, MANIFEST,
                                     MAX_HEADER, PACK, STEP_PREFIX, VERSION, Problem, _check_entry,
                                     _nbytes, parse_step, read_st_header, st_header, step_dirname)
@@ -56,6 +61,8 @@ def read_json(storage: Storage, path: str, what: str) -> dict[str, Any]:
         data = storage.read_bytes(path)
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{what} is missing", path=path) from None
+    except OSError as e:
+        raise unreadable(e, path) from None
     try:
         obj = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -64,14 +71,6 @@ def read_json(storage: Storage, path: str, what: str) -> dict[str, Any]:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CorruptCheckpointError(f"{what} is not a torchkeep record", path=path)
     return obj
-
-
-def read_commit(storage: Storage, folder: str) -> dict[str, Any] | None:
-    """The commit record of ``folder``; None when there is none (never committed, or being deleted)."""
-    path = storage.join(folder, COMMIT)
-    if not storage.exists(path):
-        return None
-    return read_json(storage, path, "commit record")
 
 
 def read_manifest(storage: Storage, folder: str, commit_record: Mapping[str, Any] | None = None
@@ -87,6 +86,8 @@ def read_manifest(storage: Storage, folder: str, commit_record: Mapping[str, Any
         data = storage.read_bytes(path)
     except FileNotFoundError:
         raise CorruptCheckpointError("manifest.json is missing", path=folder) from None
+    except OSError as e:
+        raise unreadable(e, path) from None
     want = commit_record.get("manifest_sha256")
     got = hashlib.sha256(data).hexdigest()
     if want != got:
@@ -106,9 +107,9 @@ def blob_folder(storage: Storage, folder: str, manifest: Mapping[str, Any]) -> s
     return storage.join(folder, rel)
 
 
-def blob_refs(manifest: Mapping[str, Any]) -> dict[str, int]:
-    """digest -> crc32 of every blob a manifest refers to."""
-    return {e["blob"]: e["crc32"] for e in manifest.get("tensors", {}).values() if e.get("blob")}
+def blob_refs(manifest: Mapping[str, Any]) -> dict[str, str]:
+    """digest -> checksum token (:mod:`torchkeep.checksum`) of every blob a manifest refers to."""
+    return {e["blob"]: entry_token(e) for e in manifest.get("tensors", {}).values() if e.get("blob")}
 
 
 def tensor_path(storage: Storage, folder: str, manifest: Mapping[str, Any], key: str) -> str:
@@ -118,73 +119,6 @@ def tensor_path(storage: Storage, folder: str, manifest: Mapping[str, Any], key:
     return storage.join(folder, e.get("file", PACK))
 
 
-READ_CHUNK = 4 << 20  # read and checksum in pieces small enough to stay in the CPU cache
-
-
-def _fill(f, buf: memoryview, path: str, key: str, crc: bool) -> int:
-    """Fill ``buf`` from ``f``; the crc32 of what was read (computed while it is cache-hot)."""
-    done, value = 0, 0
-    while done < len(buf):
-        piece = buf[done:done + READ_CHUNK]
-        n = f.readinto(piece)
-        if not n:
-            raise CorruptCheckpointError(f"expected {len(buf)} bytes, the file ends after {done}",
-                                         path=path, entry=key, hint="file truncated?")
-        if crc:
-            value = zlib.crc32(piece[:n], value)
-        done += n
-    return value
-
-
-def _load_blob(storage: Storage, path: str, key: str, info: Mapping[str, Any], verify: bool) -> torch.Tensor:
-    dtype = serial.dtype_from_name(info["dtype"])
-    try:
-        f = storage.open_read(path)
-    except FileNotFoundError:
-        raise CorruptCheckpointError("blob file is missing", path=path, entry=key) from None
-    with f:
-        st, start = read_st_header(f, path)
-        begin, _ = _check_entry(st, "data", info, path)
-        if begin:
-            f.seek(start + begin)
-        t = torch.empty(info["shape"], dtype=dtype)
-        got = _fill(f, tensor_bytes(t), path, key, verify)
-    if verify and got != info["crc32"]:
-        raise CorruptCheckpointError(f"crc32 mismatch (stored {info['crc32']}, read {got})",
-                                     path=path, entry=key, hint="the file was damaged on disk")
-    return t
-
-
-def _map_blob(storage: Storage, path: str, key: str, info: Mapping[str, Any], verify: bool) -> torch.Tensor:
-    dtype = serial.dtype_from_name(info["dtype"])
-    local = storage.local_path(path)
-    try:
-        f = open(local, "rb")  # type: ignore[arg-type]
-    except FileNotFoundError:
-        raise CorruptCheckpointError("blob file is missing", path=path, entry=key) from None
-    with f:
-        st, start = read_st_header(f, path)
-        begin, end = _check_entry(st, "data", info, path)
-        size = os.fstat(f.fileno()).st_size
-        if start + end > size:
-            raise CorruptCheckpointError(f"tensor ends at byte {start + end}, the file has {size}",
-                                         path=path, entry=key, hint="file truncated?")
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    if verify:
-        view = memoryview(mm)[start + begin:start + end]
-        try:
-            got = crc32(view, chunk=READ_CHUNK)
-        finally:
-            view.release()
-        if got != info["crc32"]:
-            mm.close()
-            raise CorruptCheckpointError(f"crc32 mismatch (stored {info['crc32']}, read {got})",
-                                         path=path, entry=key, hint="the file was damaged on disk")
-    numel = (end - begin) // dtype.itemsize
-    t = torch.frombuffer(mm, dtype=dtype, count=numel, offset=start + begin)  # keeps mm alive
-    return t.reshape(info["shape"])
-
-
 def _load_pack(storage: Storage, path: str, items: Sequence[tuple[str, Mapping[str, Any]]],
                verify: bool, errors: list[CorruptCheckpointError] | None = None
                ) -> dict[str, torch.Tensor]:
@@ -192,8 +126,8 @@ def _load_pack(storage: Storage, path: str, items: Sequence[tuple[str, Mapping[s
     recorded there and skipped instead of raising (to report every one)."""
     try:
         data = storage.read_bytes(path)
-    except FileNotFoundError:
-        raise CorruptCheckpointError("tensor file is missing", path=path) from None
+    except OSError as e:
+        raise unreadable(e, path) from None
     st, start = read_st_header(io.BytesIO(data), path)
     out = {}
     for key, info in items:
@@ -205,9 +139,11 @@ def _load_pack(storage: Storage, path: str, items: Sequence[tuple[str, Mapping[s
             t = torch.empty(info["shape"], dtype=serial.dtype_from_name(info["dtype"]))
             buf = tensor_bytes(t)
             buf[:] = data[start + begin:start + end]
-            if verify and (got := crc32(buf)) != info["crc32"]:
-                raise CorruptCheckpointError(f"crc32 mismatch (stored {info['crc32']}, read {got})",
-                                             path=path, entry=key, hint="the file was damaged on disk")
+            want = entry_token(info) if verify else None
+            if verify and want is None:
+                raise CorruptCheckpointError("the manifest entry has no checksum", path=path, entry=key)
+            if want is not None and (got := token_of(buf, algo_of(want))) != want:
+                raise mismatch(want, got, path, key)
         except CorruptCheckpointError as e:
             if errors is None:
                 raise
@@ -240,7 +176,7 @@ def _split(storage: Storage, folder: str, manifest: Mapping[str, Any], keys: Ite
 def load_tensors(storage: Storage, folder: str, manifest: Mapping[str, Any],
                  keys: Iterable[str] | None = None, *, verify: bool = True,
                  threads: int = IO_THREADS, mapped: Container[str] = ()) -> dict[str, torch.Tensor]:
-    """Read tensors of a checkpoint onto the CPU, each checked against its crc32.
+    """Read tensors of a checkpoint onto the CPU, each checked against its checksum.
 
     Blobs of keys in ``mapped`` come back as private (copy-on-write) memory maps of their local
     files, checked in place: for tensors the caller only copies from (a module's state dict),
@@ -261,8 +197,8 @@ def load_tensors(storage: Storage, folder: str, manifest: Mapping[str, Any],
     out: dict[str, torch.Tensor] = {}
     with ThreadPoolExecutor(max(1, min(threads, len(blobs) + len(by_pack))),
                             thread_name_prefix="torchkeep-read") as pool:
-        futs = {pool.submit(_map_blob if k in mapped and storage.local_path(p) else _load_blob,
-                            storage, p, k, info, verify): k for k, p, info in blobs}
+        futs = {pool.submit(read_blob, storage, p, k, info, verify, k in mapped): k
+                for k, p, info in blobs}
         packs = [pool.submit(_load_pack, storage, p, items, verify) for p, items in by_pack.items()]
         for f, k in futs.items():
             out[k] = f.result()
@@ -272,16 +208,19 @@ def load_tensors(storage: Storage, folder: str, manifest: Mapping[str, Any],
 
 
 def verify_folder(storage: Storage, folder: str, *, deep: bool = False) -> list[Problem]:
-    """Every problem found in a committed checkpoint: records, files, crc32 of every tensor and,
+    """Every problem found in a committed checkpoint: its commit records, files, the checksum
+    of every tensor (a blob whose second copy is intact is still reported, as restorable) and,
     with ``deep``, the sha256 of every blob against its name."""
     problems: list[Problem] = []
     try:
-        rec = read_commit(storage, folder)
-        if rec is None:
+        state = commit_state(storage, folder)
+        if state.record is None:
             return [Problem(folder, "not committed (no commit.json)")]
-        manifest = read_manifest(storage, folder, rec)
+        if state.problem:
+            problems.append(Problem(folder, state.problem))
+        manifest = read_manifest(storage, folder, state.record)
     except CorruptCheckpointError as e:
-        return [Problem(e.path or folder, e.detail, e.entry)]
+        return problems + [Problem(e.path or folder, e.detail, e.entry)]
     table = manifest.get("tensors", {})
     # -- torchkeep.keep.sharded.checkpointing: the shard files are checked against their sha256 ----------
     from torchkeep.read.formats import nativeshards as sharded
@@ -294,10 +233,8 @@ def verify_folder(storage: Storage, folder: str, *, deep: bool = False) -> list[
 
     def check_blob(item: tuple[str, str, Mapping[str, Any]]) -> None:
         k, p, info = item
-        try:
-            _load_blob(storage, p, k, info, True)
-        except CorruptCheckpointError as e:
-            errors.append(e if e.entry else CorruptCheckpointError(e.detail, path=e.path, entry=k))
+        if (msg := blob_problem(storage, p, k, info)) is not None:
+            errors.append(CorruptCheckpointError(msg, path=p, entry=k))
 
     def check_pack(item: tuple[str, list[tuple[str, Mapping[str, Any]]]]) -> None:
         p, items = item
@@ -311,19 +248,26 @@ def verify_folder(storage: Storage, folder: str, *, deep: bool = False) -> list[
         list(pool.map(check_pack, by_pack.items()))
     problems.extend(Problem(e.path or folder, e.detail, e.entry) for e in errors)
     if deep:
-        bdir = blob_folder(storage, folder, manifest)
-        for digest in sorted(blob_refs(manifest)):
-            p = storage.join(bdir, digest + ".safetensors")
-            try:
-                h = hashlib.sha256()
-                with storage.open_read(p) as f:
-                    while chunk := f.read(8 << 20):
-                        h.update(chunk)
-                if h.hexdigest() != digest:
-                    problems.append(Problem(p, f"sha256 is {h.hexdigest()[:12]}…, the name says {digest[:12]}…"))
-            except FileNotFoundError:
-                pass  # reported above as a missing blob
+        problems.extend(_deep(storage, folder, manifest))
     return problems
+
+
+def _deep(storage: Storage, folder: str, manifest: Mapping[str, Any]) -> list[Problem]:
+    """The sha256 of every blob the manifest refers to, against its name."""
+    out = []
+    bdir = blob_folder(storage, folder, manifest)
+    for digest in sorted(blob_refs(manifest)):
+        p = storage.join(bdir, digest + ".safetensors")
+        try:
+            h = hashlib.sha256()
+            with storage.open_read(p) as f:
+                while chunk := f.read(8 << 20):
+                    h.update(chunk)
+            if h.hexdigest() != digest:
+                out.append(Problem(p, f"sha256 is {h.hexdigest()[:12]}…, the name says {digest[:12]}…"))
+        except OSError:
+            pass  # reported above as a missing or unreadable blob
+    return out
 
 
 def committed_steps(storage: Storage, root: str) -> list[tuple[int, str]]:
@@ -331,7 +275,8 @@ def committed_steps(storage: Storage, root: str) -> list[tuple[int, str]]:
     out = []
     for name in storage.listdir(root):
         step = parse_step(name)
-        if step is not None and storage.exists(storage.join(root, name, COMMIT)):
+        if step is not None and any(storage.exists(storage.join(root, name, c))
+                                    for c in (COMMIT, COMMIT_COPY)):
             out.append((step, storage.join(root, name)))
     return sorted(out)
 
@@ -468,13 +413,13 @@ __all__ = [
     "IO_THREADS", "MAX_HEADER", "step_dirname", "parse_step", "st_header", "read_st_header",
     "Snapshot", "WriteResult", "NativeWriter", "commit", "uncommit",
     # reading and verification
-    "READ_CHUNK", "read_json", "read_commit", "read_manifest", "blob_folder", "blob_refs",
+    "READ_CHUNK", "COMMIT_COPY", "read_json", "read_commit", "commit_state", "read_manifest", "blob_folder", "blob_refs",
     "tensor_path", "load_tensors", "Problem", "verify_folder", "committed_steps", "is_manifest",
     "NativeReader",
 ]
 
 
-def manifest_blob_refs(storage: Any, folder: str) -> dict[str, int] | None:
+def manifest_blob_refs(storage: Any, folder: str) -> dict[str, str] | None:
     """Blob references of a folder's manifest, read even if its commit record is damaged (so that
     garbage collection never deletes what it refers to); None if the manifest is unreadable."""
     import json
