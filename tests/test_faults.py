@@ -574,7 +574,7 @@ EXIT_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[2])
     import test_faults as tf
     from torchkeep import CheckpointManager
-    from torchkeep.formats import native
+    from torchkeep.read.formats import native
 
     def boom(self, *a, **kw):
         raise OSError(28, "No space left on device", sys.argv[1] + "/blobs/x.safetensors")
