@@ -158,7 +158,7 @@ def test_unchanged_tensors_are_written_once_and_rotation_counts_references(tmp_p
 
 @pytest.mark.parametrize("async_save", [True, False])
 def test_change_behind_the_version_counter_is_still_saved(tmp_path, async_save):
-    """Unchanged-looking tensors (same storage, same version counter) skip sha256 but not xxh3:
+    """Unchanged-looking tensors (same storage, same version counter) skip naming (xxh3-128) but not xxh3:
     writes through .data or numpy, which torch does not count, still reach the checkpoint."""
     d = str(tmp_path / "run")
     st = make_state(frozen=True)

@@ -21,11 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     v = sub.add_parser("verify", help="check every checkpoint's bytes; exit 1 on damage",
                        description="Read every tensor of every checkpoint and check it against the "
-                                   "crc32 in its manifest. Exit 0 when all are good, 1 when any is "
+                                   "checksum in its manifest (xxh3; crc32 in older checkpoints), and "
+                                   "both commit records. Exit 0 when all are good, 1 when any is "
                                    "damaged.")
     v.add_argument("directory", help="the manager's folder (or one checkpoint folder)")
     v.add_argument("--deep", action="store_true",
-                   help="also check each shared blob's sha256 against its name")
+                   help="also check each shared blob's digest against its name")
     v.add_argument("--json", action="store_true", help="print JSON")
     v.set_defaults(func=run_verify)
 

@@ -1,4 +1,5 @@
-"""Content-addressed blobs: files named by the sha256 of their bytes, shared by checkpoints."""
+"""Content-addressed blobs: files named by a digest of their bytes (xxh3-128; sha256 for blobs
+written before), shared by checkpoints."""
 from __future__ import annotations
 
 import threading

@@ -103,6 +103,32 @@ def entry_token(entry: Mapping[str, Any]) -> str | None:
     return None
 
 
+def content_name(header: bytes, data: memoryview, chunk: int = CHUNK) -> tuple[str, str]:
+    """(blob name, checksum token) of a blob file = ``header`` + ``data``, in one pass over the
+    data while each piece is cache-hot: the name is the xxh3-128 of the whole file (32 hex
+    digits; blobs written before were named by sha256, 64 digits), the token the xxh3-64 of
+    ``data``. xxh3-128 is not cryptographic: names stay unique for honest content (accidental
+    collision odds about 2**-64 per pair of tensors), at ~10x the speed of sha256."""
+    name = xxhash.xxh3_128()
+    name.update(header)
+    check = xxhash.xxh3_64()
+    mv = memoryview(data).cast("B")
+    for i in range(0, len(mv), chunk):
+        piece = mv[i:i + chunk]
+        name.update(piece)
+        check.update(piece)
+    return name.hexdigest(), f"xxh3:{check.intdigest():016x}"
+
+
+def file_name_digest(path_or_file: Any, name: str, chunk: int = 8 << 20) -> str:
+    """The digest of a blob file in the algorithm its ``name`` implies (64 hex digits: sha256,
+    32: xxh3-128), to check a blob against its name."""
+    h: Any = hashlib.sha256() if len(name) == 64 else xxhash.xxh3_128()
+    while b := path_or_file.read(chunk):
+        h.update(b)
+    return h.hexdigest()
+
+
 def entry_fields(token: str) -> dict[str, Any]:
     """The manifest fields that record ``token`` (the inverse of :func:`entry_token`)."""
     algo, value = token.split(":", 1)

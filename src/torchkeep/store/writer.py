@@ -17,7 +17,8 @@ import torch
 from torchkeep.store import typedjson as serial
 from torchkeep.store.backends import Storage
 from torchkeep.store.blobs import BlobStore
-from torchkeep.store.checksums import ALGO, algo_of, entry_fields, sha256_parts, tensor_bytes, token_of
+from torchkeep.store.checksums import (ALGO, algo_of, content_name, entry_fields, tensor_bytes,
+                                       token_of)
 from torchkeep.store.commitrecord import commit, uncommit
 from torchkeep.store.copies import BlobGuard
 from torchkeep.store.layout import (BLOB_DIR, BLOB_MIN_BYTES, COPY_DIR, FORMAT, IO_THREADS, MANIFEST,
@@ -57,7 +58,8 @@ class WriteResult:
 class NativeWriter:
     """Writes one checkpoint folder of the native format: new blobs, the pack, the manifest.
 
-    Large tensors are hashed (sha256 of their safetensors file) and written only if no kept
+    Large tensors are hashed (xxh3-128 of their safetensors file names the blob, xxh3-64 of the
+    bytes checks them, both in one pass) and written only if no kept
     checkpoint holds the same bytes (``known``: digest -> checksum token). Hashing, checksums
     and writes run on a few threads so that hashing one tensor overlaps writing another. Every
     file is durable (fsynced, renamed, folders synced) when ``write`` returns; the commit is left
@@ -65,7 +67,7 @@ class NativeWriter:
     (evidence that both of its files are intact; a second copy once it is shared).
 
     ``hints`` (key -> (digest, token)) name tensors the caller believes unchanged since a kept
-    checkpoint (same storage, same version counter). For those, xxh3 (far faster than sha256)
+    checkpoint (same storage, same version counter). For those, xxh3-64 alone
     decides: equal -> the kept blob is reused without hashing; else the tensor is hashed like
     any other. A wrong belief costs nothing; only a tensor changed behind torch's version
     counter *and* colliding in xxh3-64 (2**-64) would be missed.
@@ -130,9 +132,7 @@ class NativeWriter:
                     return reuse(key, t, h_digest, tok, h_tok, header, mv)
                 if algo_of(tok) != ALGO:
                     tok = None
-            digest = sha256_parts((header, mv))
-            if tok is None:
-                tok = token_of(mv)
+            digest, tok = content_name(header, mv)
             with lock:
                 if digest in known and self.blobs.has(digest):
                     new = None

@@ -4,7 +4,8 @@ else in typed JSON, a manifest with a checksum per tensor, and a commit record w
 ::
 
     <root>/                              a CheckpointManager's folder
-      blobs/<sha256>.safetensors         one large tensor each, named by the sha256 of the file:
+      blobs/<digest>.safetensors         one large tensor each, named by the xxh3-128 of the file
+                                         (sha256 before; both are read):
                                          written once, shared by every checkpoint holding the bytes
       step-00000100/
         tensors.safetensors              this checkpoint's small tensors (< 64 KiB each)
@@ -14,7 +15,7 @@ else in typed JSON, a manifest with a checksum per tensor, and a commit record w
         commit.json, commit.copy.json    written last (twice, see torchkeep.store.commitrecord); the
                                          checkpoint exists once this does. It holds the manifest's
                                          sha256, the step, time and metrics, sealed by its own xxh3.
-      copies/<sha256>.safetensors        second copy of each blob that more than one checkpoint
+      copies/<digest>.safetensors        second copy of each blob that more than one checkpoint
                                          refers to (read only when the first fails; see
                                          torchkeep.store.copies)
 
@@ -47,7 +48,7 @@ from torchkeep.read.formats.base import Reader, TensorRef
 from torchkeep.read.formats.nativeblobs import READ_CHUNK, blob_problem, mismatch, read_blob, unreadable
 from torchkeep.store import typedjson as serial
 from torchkeep.store.backends import Storage, storage_for
-from torchkeep.store.checksums import algo_of, entry_token, tensor_bytes, token_of
+from torchkeep.store.checksums import algo_of, entry_token, file_name_digest, tensor_bytes, token_of
 from torchkeep.store.commitrecord import COMMIT_COPY, commit_state, read_commit
 from torchkeep.store.layout import (BLOB_DIR, BLOB_MIN_BYTES, COMMIT, FORMAT, IO_THREADS, MANIFEST,
                                     MAX_HEADER, PACK, STEP_PREFIX, VERSION, Problem, _check_entry,
@@ -210,7 +211,7 @@ def load_tensors(storage: Storage, folder: str, manifest: Mapping[str, Any],
 def verify_folder(storage: Storage, folder: str, *, deep: bool = False) -> list[Problem]:
     """Every problem found in a committed checkpoint: its commit records, files, the checksum
     of every tensor (a blob whose second copy is intact is still reported, as restorable) and,
-    with ``deep``, the sha256 of every blob against its name."""
+    with ``deep``, the digest of every blob against its name."""
     problems: list[Problem] = []
     try:
         state = commit_state(storage, folder)
@@ -253,18 +254,17 @@ def verify_folder(storage: Storage, folder: str, *, deep: bool = False) -> list[
 
 
 def _deep(storage: Storage, folder: str, manifest: Mapping[str, Any]) -> list[Problem]:
-    """The sha256 of every blob the manifest refers to, against its name."""
+    """The digest (xxh3-128, or sha256 for older blobs) of every blob the manifest refers to,
+    against its name."""
     out = []
     bdir = blob_folder(storage, folder, manifest)
     for digest in sorted(blob_refs(manifest)):
         p = storage.join(bdir, digest + ".safetensors")
         try:
-            h = hashlib.sha256()
             with storage.open_read(p) as f:
-                while chunk := f.read(8 << 20):
-                    h.update(chunk)
-            if h.hexdigest() != digest:
-                out.append(Problem(p, f"sha256 is {h.hexdigest()[:12]}…, the name says {digest[:12]}…"))
+                got = file_name_digest(f, digest)
+            if got != digest:
+                out.append(Problem(p, f"content digest is {got[:12]}…, the name says {digest[:12]}…"))
         except OSError:
             pass  # reported above as a missing or unreadable blob
     return out
