@@ -183,6 +183,8 @@ class CheckpointManager(FlushOnExit):
         for info in self.list(include_uncommitted=True):
             if info.status == "ok":
                 problems = native.verify_folder(self.storage, info.path, deep=deep)
+                if problems:  # again: a save or rotation may have been between two writes
+                    problems = native.verify_folder(self.storage, info.path, deep=deep)
                 if problems and not still_committed(self.storage, info):
                     log.info("%s was removed (rotation) while it was verified", info.path)
                     continue

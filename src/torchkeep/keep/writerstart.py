@@ -12,7 +12,8 @@ from torchkeep.keep.retention import CheckpointInfo
 from torchkeep.read.formats import native
 from torchkeep.store.backends import LockedError, Storage
 from torchkeep.store.blobs import BlobStore
-from torchkeep.store.commitrecord import has_record
+from torchkeep.errors import CorruptCheckpointError
+from torchkeep.store.commitrecord import commit_state, has_record, repair
 from torchkeep.store.copies import BlobGuard
 from torchkeep.store.files import is_tmp
 
@@ -55,6 +56,7 @@ def collect(st: Storage, root: str, blobs: BlobStore, guard: BlobGuard,
             log.info("removing %s: never committed (a save was interrupted)", path)
             st.rmtree(path)
             continue
+        _repair_records(st, path)
         entries[step] = (info_of(step, path), native.manifest_blob_refs(st, path))
     for name in blobs.leftovers():
         st.remove(st.join(blobs.folder, name))
@@ -66,6 +68,19 @@ def collect(st: Storage, root: str, blobs: BlobStore, guard: BlobGuard,
     st.sync_dir(root)
     identity = FolderIdentity.take(st, root, [root, blobs.folder, guard.folder, st.join(root, LOCK)])
     return entries, identity
+
+
+def _repair_records(st: Storage, folder: str) -> None:
+    """A committed folder with one good commit record gets the other one back."""
+    try:
+        state = commit_state(st, folder)
+    except CorruptCheckpointError:
+        return  # both damaged: reported as damaged, nothing to repair from
+    if state.record is not None and state.problem:
+        try:
+            repair(st, folder, state)
+        except OSError as e:
+            log.warning("%s: could not rewrite its commit records (%s)", folder, e)
 
 
 __all__ = ["LOCK", "take_lock", "collect"]

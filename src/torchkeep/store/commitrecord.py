@@ -5,7 +5,9 @@ so a flipped bit in metrics or fingerprints is caught. Each record is written tw
 then ``commit.copy.json`` (each one atomically, folder fsynced between), and removed in the
 reverse order (copy first), so that after any crash the copy exists only beside its original:
 
-* both good, or ``commit.json`` alone (a crash between the two writes or removals): committed;
+* both good: committed;
+* ``commit.json`` alone: committed, reported (the copy was deleted, or a crash came between the
+  two writes or removals: the writer's next start rewrites it);
 * ``commit.json`` damaged or missing while the copy is good: committed, *damaged* (one file lost
   on disk; the copy still makes the checkpoint restorable, with a warning);
 * neither: never committed, or being deleted.
@@ -94,8 +96,8 @@ def commit_state(storage: Storage, folder: str) -> CommitState:
         if e2 is not None:
             return CommitState(r1, problem=f"{COMMIT_COPY}: {e2} ({COMMIT} is good)")
         if r2 is None and s1:
-            return CommitState(r1, note=f"{COMMIT_COPY} is missing (an interrupted save or "
-                                        f"rotation, or deleted); {COMMIT} is good")
+            return CommitState(r1, problem=f"{COMMIT_COPY} is missing (deleted, or a crash came "
+                                           f"between the two commit writes); {COMMIT} is good")
         return CommitState(r1)
     if r1 is not None:  # unsealed although a copy exists: a flipped byte hit the seal's name
         e1 = "commit record has lost its checksum field"
@@ -141,10 +143,20 @@ def uncommit(storage: Storage, folder: str) -> None:
         log.debug("%s: no commit record to remove", folder)
 
 
+def repair(storage: Storage, folder: str, state: CommitState) -> None:
+    """Rewrite both records of a committed folder from the good one (writer start-up only)."""
+    assert state.record is not None
+    rec = {k: v for k, v in state.record.items() if k not in ("format", "version")}
+    data = seal(rec)
+    for name in (COMMIT, COMMIT_COPY):
+        storage.write_file(storage.join(folder, name), [data], sync_dir=True)
+    log.warning("%s: %s; rewrote both commit records", folder, state.problem)
+
+
 def has_record(storage: Storage, folder: str) -> bool:
     """True when either commit record file exists (without reading it)."""
     return any(storage.exists(storage.join(folder, n)) for n in (COMMIT, COMMIT_COPY))
 
 
 __all__ = ["COMMIT_COPY", "SEAL", "seal", "unseal", "CommitState", "commit_state", "read_commit",
-           "commit", "uncommit", "has_record"]
+           "commit", "uncommit", "repair", "has_record"]

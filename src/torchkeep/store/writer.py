@@ -115,6 +115,7 @@ class NativeWriter:
                     written[0] += n
             e = info(key, t, tok)
             e["blob"] = digest
+            e["copies"] = 2   # shared from now on: verify expects its second copy
             return key, e, digest, tok
 
         def put(item: tuple[str, torch.Tensor]) -> tuple[str, dict[str, Any], str, str]:

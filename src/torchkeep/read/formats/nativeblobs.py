@@ -148,6 +148,9 @@ def blob_problem(storage: Storage, path: str, key: str, info: Mapping[str, Any])
         first = e.detail
     else:
         if not storage.exists(cp):
+            if info.get("copies") == 2:
+                return (f"its second copy {cp} is missing (the first is intact; the next save "
+                        f"that keeps this tensor rewrites the copy)")
             return None
         try:
             load_blob(storage, cp, key, info, True)
