@@ -374,7 +374,8 @@ def test_ddp_written_once_and_resumed_exactly(two_ranks):
         "the resumed DDP run was not bit-identical (see the ranks' output)"
     folder = os.path.join(two_ranks["ddp"], native.step_dirname(3))
     # Nothing sharded: one writer's files only, canonical names, every rank's RNG.
-    assert sorted(os.listdir(folder)) == ["commit.json", "manifest.json", "tensors.safetensors"]
+    assert sorted(os.listdir(folder)) == ["commit.copy.json", "commit.json", "manifest.json",
+                                          "tensors.safetensors"]
     man = json.load(open(os.path.join(folder, native.MANIFEST)))
     assert "0.weight" in man["state"]["model"]
     assert len(man["state"][sharded.SECTION]["rng"]) == 2
