@@ -180,11 +180,16 @@ class CheckpointManager(FlushOnExit):
         the problems) or 'uncommitted'. ``deep`` also checks each blob's sha256 against its name."""
         self.wait()
         out = []
-        for info in self.list(include_uncommitted=True):
+        infos = self.list(include_uncommitted=True)
+        newest = max((i.step for i in infos if i.status == "ok"), default=None)
+        for info in infos:
             if info.status == "ok":
-                problems = native.verify_folder(self.storage, info.path, deep=deep)
+                older = info.step != newest
+                problems = native.verify_folder(self.storage, info.path, deep=deep,
+                                                copy_required=older)
                 if problems:  # again: a save or rotation may have been between two writes
-                    problems = native.verify_folder(self.storage, info.path, deep=deep)
+                    problems = native.verify_folder(self.storage, info.path, deep=deep,
+                                                    copy_required=older)
                 if problems and not still_committed(self.storage, info):
                     log.info("%s was removed (rotation) while it was verified", info.path)
                     continue

@@ -13,7 +13,7 @@ from torchkeep.read.formats import native
 from torchkeep.store.backends import LockedError, Storage
 from torchkeep.store.blobs import BlobStore
 from torchkeep.errors import CorruptCheckpointError
-from torchkeep.store.commitrecord import commit_state, has_record, repair
+from torchkeep.store.commitrecord import COPY_MISSING, commit_state, has_record, repair
 from torchkeep.store.copies import BlobGuard
 from torchkeep.store.files import is_tmp
 
@@ -52,7 +52,7 @@ def collect(st: Storage, root: str, blobs: BlobStore, guard: BlobGuard,
         step = native.parse_step(name)
         if step is None:
             continue
-        if not has_record(st, path):
+        if not has_record(st, path) or _being_removed(st, path):
             log.info("removing %s: never committed (a save was interrupted)", path)
             st.rmtree(path)
             continue
@@ -70,13 +70,20 @@ def collect(st: Storage, root: str, blobs: BlobStore, guard: BlobGuard,
     return entries, identity
 
 
+def _being_removed(st: Storage, folder: str) -> bool:
+    try:
+        return commit_state(st, folder).record is None
+    except CorruptCheckpointError:
+        return False   # both records damaged: kept, and reported as damaged
+
+
 def _repair_records(st: Storage, folder: str) -> None:
     """A committed folder with one good commit record gets the other one back."""
     try:
         state = commit_state(st, folder)
     except CorruptCheckpointError:
         return  # both damaged: reported as damaged, nothing to repair from
-    if state.record is not None and state.problem:
+    if state.record is not None and (state.problem or state.note == COPY_MISSING):
         try:
             repair(st, folder, state)
         except OSError as e:

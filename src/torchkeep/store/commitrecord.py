@@ -6,8 +6,9 @@ then ``commit.copy.json`` (each one atomically, folder fsynced between), and rem
 reverse order (copy first), so that after any crash the copy exists only beside its original:
 
 * both good: committed;
-* ``commit.json`` alone: committed, reported (the copy was deleted, or a crash came between the
-  two writes or removals: the writer's next start rewrites it);
+* ``commit.json`` alone: committed. A crash between the two writes (or removals) leaves this
+  too, so it is only a *note* for the newest checkpoint; on an older one (the next commit closed
+  that window) it is damage. The writer's next start rewrites the copy either way;
 * ``commit.json`` damaged or missing while the copy is good: committed, *damaged* (one file lost
   on disk; the copy still makes the checkpoint restorable, with a warning);
 * neither: never committed, or being deleted.
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 COMMIT_COPY = "commit.copy.json"
 SEAL = "record_xxh3"
 _SEAL_MARK = b',"' + SEAL.encode() + b'":"'
+REMOVING = "removing"      # the copy's field while rotation deletes the checkpoint
+COPY_MISSING = (f"{COMMIT_COPY} is missing (deleted, or a crash came between the two commit "
+                f"writes); {COMMIT} is good")
 
 
 def seal(record: Mapping[str, Any]) -> bytes:
@@ -91,13 +95,17 @@ def commit_state(storage: Storage, folder: str) -> CommitState:
     p1, p2 = storage.join(folder, COMMIT), storage.join(folder, COMMIT_COPY)
     r1, s1, e1 = _read_one(storage, p1)
     r2, s2, e2 = _read_one(storage, p2)
+    if r2 is not None and s2 and r2.get(REMOVING):
+        return CommitState(None)   # being deleted by rotation (see uncommit)
     exists2 = r2 is not None or e2 is not None
     if r1 is not None and (s1 or not exists2):
         if e2 is not None:
             return CommitState(r1, problem=f"{COMMIT_COPY}: {e2} ({COMMIT} is good)")
         if r2 is None and s1:
-            return CommitState(r1, problem=f"{COMMIT_COPY} is missing (deleted, or a crash came "
-                                           f"between the two commit writes); {COMMIT} is good")
+            return CommitState(r1, note=COPY_MISSING)
+        if r2 is not None and (not s2 or r2 != r1):
+            return CommitState(r1, problem=f"{COMMIT_COPY} differs from {COMMIT} (damaged; "
+                                           f"{COMMIT} is good)")
         return CommitState(r1)
     if r1 is not None:  # unsealed although a copy exists: a flipped byte hit the seal's name
         e1 = "commit record has lost its checksum field"
@@ -130,17 +138,18 @@ def commit(storage: Storage, folder: str, record: Mapping[str, Any]) -> None:
 
 
 def uncommit(storage: Storage, folder: str) -> None:
-    """Remove the commit records first (copy, then original, each durably), so a crash while
-    deleting a checkpoint leaves no half checkpoint that looks whole."""
-    removed = False
-    for name in (COMMIT_COPY, COMMIT):
-        path = storage.join(folder, name)
-        if storage.exists(path):
-            storage.remove(path)
-            storage.sync_dir(folder)
-            removed = True
-    if not removed:
+    """Uncommit ``folder`` before it is deleted, so a crash while deleting leaves no half
+    checkpoint that looks whole: the copy is replaced by a sealed *removing* mark, then
+    ``commit.json`` and the mark are removed, each step durable before the next. Every state
+    in between reads as "not committed", never as a damaged record."""
+    p1, p2 = storage.join(folder, COMMIT), storage.join(folder, COMMIT_COPY)
+    if not (storage.exists(p1) or storage.exists(p2)):
         log.debug("%s: no commit record to remove", folder)
+        return
+    storage.write_file(p2, [seal({REMOVING: True})], sync_dir=True)
+    for path in (p1, p2):
+        storage.remove(path)
+        storage.sync_dir(folder)
 
 
 def repair(storage: Storage, folder: str, state: CommitState) -> None:
@@ -150,7 +159,7 @@ def repair(storage: Storage, folder: str, state: CommitState) -> None:
     data = seal(rec)
     for name in (COMMIT, COMMIT_COPY):
         storage.write_file(storage.join(folder, name), [data], sync_dir=True)
-    log.warning("%s: %s; rewrote both commit records", folder, state.problem)
+    log.warning("%s: %s; rewrote both commit records", folder, state.problem or state.note)
 
 
 def has_record(storage: Storage, folder: str) -> bool:
@@ -159,4 +168,4 @@ def has_record(storage: Storage, folder: str) -> bool:
 
 
 __all__ = ["COMMIT_COPY", "SEAL", "seal", "unseal", "CommitState", "commit_state", "read_commit",
-           "commit", "uncommit", "repair", "has_record"]
+           "commit", "uncommit", "repair", "has_record", "COPY_MISSING"]

@@ -208,10 +208,13 @@ def load_tensors(storage: Storage, folder: str, manifest: Mapping[str, Any],
     return {k: out[k] for k in keys}
 
 
-def verify_folder(storage: Storage, folder: str, *, deep: bool = False) -> list[Problem]:
+def verify_folder(storage: Storage, folder: str, *, deep: bool = False,
+                  copy_required: bool = False) -> list[Problem]:
     """Every problem found in a committed checkpoint: its commit records, files, the checksum
     of every tensor (a blob whose second copy is intact is still reported, as restorable) and,
-    with ``deep``, the digest of every blob against its name."""
+    with ``deep``, the digest of every blob against its name. ``copy_required``: a missing
+    ``commit.copy.json`` is damage (true for all but the newest checkpoint of a folder, where
+    a crash between the two commit writes leaves the same)."""
     problems: list[Problem] = []
     try:
         state = commit_state(storage, folder)
@@ -219,6 +222,8 @@ def verify_folder(storage: Storage, folder: str, *, deep: bool = False) -> list[
             return [Problem(folder, "not committed (no commit.json)")]
         if state.problem:
             problems.append(Problem(folder, state.problem))
+        elif state.note and copy_required:
+            problems.append(Problem(folder, state.note))
         manifest = read_manifest(storage, folder, state.record)
     except CorruptCheckpointError as e:
         return problems + [Problem(e.path or folder, e.detail, e.entry)]
