@@ -199,6 +199,23 @@ def test_deleted_commit_record_is_reported_and_still_restorable(pristine, tmp_pa
     assert statuses[max(saved)] == "uncommitted"
 
 
+def test_older_checkpoint_that_lost_both_records_is_damage_not_uncommitted(pristine, tmp_path):
+    """The newest commit record lists what rotation kept: a kept folder without records was
+    committed once, so verify calls it damaged (exit 1) instead of 'uncommitted'."""
+    src, saved = pristine
+    d = str(tmp_path / "run")
+    shutil.copytree(src, d)
+    middle = os.path.join(d, native.step_dirname(sorted(saved)[1]))
+    for name in ("commit.json", "commit.copy.json"):
+        os.unlink(os.path.join(middle, name))
+    infos = {i.step: i for i in CheckpointManager(d).verify()}
+    assert infos[sorted(saved)[1]].status == "damaged"
+    assert "both commit records are missing" in infos[sorted(saved)[1]].problems[0]
+    r = verify_cli(d)
+    assert r.returncode == 1, r.stdout
+    assert restorable(d, saved) == [s for s in sorted(saved) if s != sorted(saved)[1]]
+
+
 def test_sealed_commit_record_catches_a_flip_in_metrics(tmp_path):
     rec = {"step": 3, "metrics": {"loss": 0.25}, "manifest_sha256": "ab" * 32}
     data = nativecommit.seal(rec)

@@ -29,7 +29,7 @@ from torchkeep.errors import CorruptCheckpointError, StateError
 from torchkeep.keep.commits import CommitEntry, plain_metrics, resolve_step
 from torchkeep.keep.folderid import FolderIdentity
 from torchkeep.keep.lifetime import FlushOnExit
-from torchkeep.keep.readsnapshot import load_newest_good, still_committed
+from torchkeep.keep.readsnapshot import load_newest_good, mark_lost_records, still_committed
 from torchkeep.keep.retention import CheckpointInfo, ranked_best, steps_to_keep
 from torchkeep.keep.retention import tensor_signatures as _signatures
 from torchkeep.keep.retention import unchanged_since as _unchanged
@@ -197,6 +197,7 @@ class CheckpointManager(FlushOnExit):
                     info.status = "damaged"
                     info.problems = [str(p) for p in problems]
             out.append(info)
+        mark_lost_records(self.storage, out)
         return out
 
     # -- saving ---------------------------------------------------------------------------
@@ -355,10 +356,13 @@ class CheckpointManager(FlushOnExit):
             fingerprint = self._fingerprints.pop(step, None)
         if fingerprint is not None:
             record["doctor"] = fingerprint
+        info = CheckpointInfo(step, folder, created, plain, res.nbytes, res.written)
+        with self._mutex:  # what rotation keeps after this commit: lets verify tell a lost record
+            infos = [e.info for e in (self._entries or {}).values()] + [info]
+            record["kept"] = sorted(self._keep(infos))
         if self._identity is not None:
             self._identity.check("commit")
         native.commit(st, folder, record)
-        info = CheckpointInfo(step, folder, created, plain, res.nbytes, res.written)
         unchanged = {k: (*sigs[k], e["blob"], entry_token(e)) for k, e in res.entries.items()
                      if e.get("blob") and sigs and k in sigs}
         log.debug("saved step %d: %d bytes, %d written", step, res.nbytes, res.written)

@@ -30,6 +30,24 @@ def still_committed(storage: Any, info: CheckpointInfo) -> bool:
     return rec is not None and (info.time is None or rec.get("created") == info.time)
 
 
+def mark_lost_records(storage: Any, infos: list[CheckpointInfo]) -> None:
+    """Folders without commit records that the newest good commit record lists as kept were
+    committed: both their records were lost. Mark them damaged (in place), not uncommitted."""
+    good = [i for i in infos if i.status == "ok"]
+    if not good:
+        return
+    newest = max(good, key=lambda i: i.step)
+    try:
+        kept = set((commit_state(storage, newest.path).record or {}).get("kept") or ())
+    except CorruptCheckpointError:
+        return
+    for i in infos:
+        if i.status == "uncommitted" and i.step in kept and i.step < newest.step:
+            i.status = "damaged"
+            i.problems = [f"both commit records are missing, but {newest.name}'s record lists "
+                          f"it as kept: they were deleted (its files may still be read by hand)"]
+
+
 def _warn_skipped(infos: list[CheckpointInfo], newest_ok: int | None) -> None:
     for i in infos:
         if i.status == "damaged":
