@@ -109,9 +109,17 @@ def files_of(d):
 
 
 def verify_cli(d):
-    env = dict(os.environ, PYTHONPATH=SRC, COLUMNS="200")
-    return subprocess.run([sys.executable, "-m", "torchkeep", "verify", d], capture_output=True,
-                          text=True, env=env, timeout=120)
+    """``torchkeep verify d`` run in this process (test_manager runs the real command once)."""
+    import contextlib
+    import io
+    import types
+
+    from torchkeep.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = main(["verify", d])
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr="")
 
 
 # ----------------------------------------------------------------------------- damage, one file at a time
