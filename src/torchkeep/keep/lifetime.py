@@ -9,7 +9,7 @@ import signal
 import threading
 from typing import Any
 
-log = logging.getLogger("torchkeep.manager")
+log = logging.getLogger("torchkeep.keep.manager")
 
 
 class FlushOnExit:
@@ -44,7 +44,8 @@ class FlushOnExit:
         except BaseException:
             if exc_type is None:
                 raise
-            log.error("the pending checkpoint save failed while handling another error", exc_info=True)
+            log.error("the pending checkpoint save failed while handling another error",
+                      exc_info=True)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         """Flush the pending save, then do what the previous handler would have done."""

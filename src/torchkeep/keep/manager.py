@@ -459,7 +459,8 @@ class CheckpointManager(FlushOnExit):
     def _load(self, which: Which, allow_pickle: bool, verify: bool = True
               ) -> tuple[CheckpointInfo, Any] | None:
         self.wait()
-        return load_newest_good(self, which, lambda info: self._read(info.path, allow_pickle, verify))
+        return load_newest_good(self, which,
+                                lambda info: self._read(info.path, allow_pickle, verify))
 
     def _read(self, folder: str, allow_pickle: bool, verify: bool = True) -> Any:
         manifest = native.read_manifest(self.storage, folder)

@@ -77,7 +77,8 @@ def load_newest_good(manager: Any, which: Any, read: Callable[[CheckpointInfo], 
                 got = read(info)
             except CorruptCheckpointError as e:
                 if not still_committed(manager.storage, info):
-                    log.info("%s was removed by rotation while it was read; looking again", info.path)
+                    log.info("%s was removed by rotation while it was read; looking again",
+                             info.path)
                     if isinstance(which, int):
                         raise StateError(f"checkpoint of step {which} was removed while it was "
                                          f"read", path=info.path) from None

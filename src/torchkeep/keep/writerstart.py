@@ -40,7 +40,8 @@ def take_lock(st: Storage, root: str) -> Any:
 
 def collect(st: Storage, root: str, blobs: BlobStore, guard: BlobGuard,
             info_of: Callable[[int, str], CheckpointInfo]
-            ) -> tuple[dict[int, tuple[CheckpointInfo, dict[str, str] | None]], FolderIdentity | None]:
+            ) -> tuple[dict[int, tuple[CheckpointInfo, dict[str, str] | None]],
+                       FolderIdentity | None]:
     """Remove leftovers of crashed writers; (step -> (info, blob refs)) of the committed
     checkpoints, and the identity of root, blobs/, copies/ and the lock file."""
     entries: dict[int, tuple[CheckpointInfo, dict[str, str] | None]] = {}
@@ -66,7 +67,8 @@ def collect(st: Storage, root: str, blobs: BlobStore, guard: BlobGuard,
     for d in (blobs.folder, guard.folder):
         st.makedirs(d)
     st.sync_dir(root)
-    identity = FolderIdentity.take(st, root, [root, blobs.folder, guard.folder, st.join(root, LOCK)])
+    identity = FolderIdentity.take(st, root,
+                                   [root, blobs.folder, guard.folder, st.join(root, LOCK)])
     return entries, identity
 
 

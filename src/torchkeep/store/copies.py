@@ -70,7 +70,8 @@ def file_problem(storage: Storage, path: str, header: bytes, nbytes: int, token:
 class BlobGuard:
     """Evidence of intact blob files, second copies of shared blobs, and their repair."""
 
-    def __init__(self, storage: Storage, blobs: BlobStore, copies_folder: str | None = None) -> None:
+    def __init__(self, storage: Storage, blobs: BlobStore,
+                 copies_folder: str | None = None) -> None:
         self.storage = storage
         self.blobs = blobs
         if copies_folder is None:
@@ -151,7 +152,8 @@ class BlobGuard:
                 self._seen.pop(self.blobs.path(d), None)
 
     def leftovers(self) -> list[str]:
-        return [self.storage.join(self.folder, n) for n in self.storage.listdir(self.folder) if is_tmp(n)]
+        return [self.storage.join(self.folder, n) for n in self.storage.listdir(self.folder)
+                if is_tmp(n)]
 
 
 __all__ = ["BlobGuard", "file_problem"]

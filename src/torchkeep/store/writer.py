@@ -21,8 +21,8 @@ from torchkeep.store.checksums import (ALGO, algo_of, content_name, entry_fields
                                        token_of)
 from torchkeep.store.commitrecord import commit, uncommit
 from torchkeep.store.copies import BlobGuard
-from torchkeep.store.layout import (BLOB_DIR, BLOB_MIN_BYTES, COPY_DIR, FORMAT, IO_THREADS, MANIFEST,
-                                    PACK, VERSION, st_header)
+from torchkeep.store.layout import (BLOB_DIR, BLOB_MIN_BYTES, COPY_DIR, FORMAT, IO_THREADS,
+                                    MANIFEST, PACK, VERSION, st_header)
 
 
 @dataclass
@@ -186,7 +186,8 @@ class NativeWriter:
         return WriteResult(folder, hashlib.sha256(data).hexdigest(), refs, snap.nbytes, written[0],
                            entries)
 
-    def _write_pack(self, folder: str, small: list[tuple[str, torch.Tensor]]) -> tuple[dict[str, str], int]:
+    def _write_pack(self, folder: str, small: list[tuple[str, torch.Tensor]]
+                    ) -> tuple[dict[str, str], int]:
         views = [(k, t, tensor_bytes(t)) for k, t in small]
         header = st_header([(k, t.dtype, t.shape, len(mv)) for k, t, mv in views],
                            {"format": FORMAT})

@@ -45,7 +45,8 @@ import torch
 
 from torchkeep.errors import CorruptCheckpointError, FormatError
 from torchkeep.read.formats.base import Reader, TensorRef
-from torchkeep.read.formats.nativeblobs import READ_CHUNK, blob_problem, mismatch, read_blob, unreadable
+from torchkeep.read.formats.nativeblobs import (READ_CHUNK, blob_problem, mismatch, read_blob,
+                                                unreadable)
 from torchkeep.store import typedjson as serial
 from torchkeep.store.backends import Storage, storage_for
 from torchkeep.store.checksums import algo_of, entry_token, file_name_digest, tensor_bytes, token_of
@@ -110,7 +111,8 @@ def blob_folder(storage: Storage, folder: str, manifest: Mapping[str, Any]) -> s
 
 def blob_refs(manifest: Mapping[str, Any]) -> dict[str, str]:
     """digest -> checksum token (:mod:`torchkeep.checksum`) of every blob a manifest refers to."""
-    return {e["blob"]: entry_token(e) for e in manifest.get("tensors", {}).values() if e.get("blob")}
+    return {e["blob"]: entry_token(e) for e in manifest.get("tensors", {}).values()
+            if e.get("blob")}
 
 
 def tensor_path(storage: Storage, folder: str, manifest: Mapping[str, Any], key: str) -> str:
@@ -142,7 +144,8 @@ def _load_pack(storage: Storage, path: str, items: Sequence[tuple[str, Mapping[s
             buf[:] = data[start + begin:start + end]
             want = entry_token(info) if verify else None
             if verify and want is None:
-                raise CorruptCheckpointError("the manifest entry has no checksum", path=path, entry=key)
+                raise CorruptCheckpointError("the manifest entry has no checksum", path=path,
+                                             entry=key)
             if want is not None and (got := token_of(buf, algo_of(want))) != want:
                 raise mismatch(want, got, path, key)
         except CorruptCheckpointError as e:
@@ -269,7 +272,8 @@ def _deep(storage: Storage, folder: str, manifest: Mapping[str, Any]) -> list[Pr
             with storage.open_read(p) as f:
                 got = file_name_digest(f, digest)
             if got != digest:
-                out.append(Problem(p, f"content digest is {got[:12]}…, the name says {digest[:12]}…"))
+                out.append(Problem(p, f"content digest is {got[:12]}…, the name says "
+                                      f"{digest[:12]}…"))
         except OSError:
             pass  # reported above as a missing or unreadable blob
     return out
@@ -418,7 +422,8 @@ __all__ = [
     "IO_THREADS", "MAX_HEADER", "step_dirname", "parse_step", "st_header", "read_st_header",
     "Snapshot", "WriteResult", "NativeWriter", "commit", "uncommit",
     # reading and verification
-    "READ_CHUNK", "COMMIT_COPY", "read_json", "read_commit", "commit_state", "read_manifest", "blob_folder", "blob_refs",
+    "READ_CHUNK", "COMMIT_COPY", "read_json", "read_commit", "commit_state",
+    "read_manifest", "blob_folder", "blob_refs",
     "tensor_path", "load_tensors", "Problem", "verify_folder", "committed_steps", "is_manifest",
     "NativeReader",
 ]

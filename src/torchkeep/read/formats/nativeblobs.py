@@ -33,7 +33,7 @@ def copy_path(storage: Storage, blob_path: str) -> str:
 
 
 def unreadable(e: OSError, path: str, key: str | None = None) -> CorruptCheckpointError:
-    """An OSError while reading (permission, I/O error...) as a checkpoint problem to fall back on."""
+    """An OSError while reading (permission, I/O error...) as a problem to fall back on."""
     if isinstance(e, FileNotFoundError):
         return CorruptCheckpointError("file is missing", path=path, entry=key)
     return CorruptCheckpointError(f"unreadable: {e.strerror or e}", path=path, entry=key,
@@ -68,7 +68,8 @@ def _want(info: Mapping[str, Any], path: str, key: str) -> str:
     return want
 
 
-def load_blob(storage: Storage, path: str, key: str, info: Mapping[str, Any], verify: bool) -> torch.Tensor:
+def load_blob(storage: Storage, path: str, key: str, info: Mapping[str, Any],
+              verify: bool) -> torch.Tensor:
     """Read one blob file into a new tensor, checked (no fallback)."""
     dtype = serial.dtype_from_name(info["dtype"])
     want = _want(info, path, key) if verify else None
@@ -88,7 +89,8 @@ def load_blob(storage: Storage, path: str, key: str, info: Mapping[str, Any], ve
     return t
 
 
-def map_blob(storage: Storage, path: str, key: str, info: Mapping[str, Any], verify: bool) -> torch.Tensor:
+def map_blob(storage: Storage, path: str, key: str, info: Mapping[str, Any],
+             verify: bool) -> torch.Tensor:
     """A private (copy-on-write) memory map of one local blob file, checked in place."""
     dtype = serial.dtype_from_name(info["dtype"])
     want = _want(info, path, key) if verify else None
@@ -98,8 +100,9 @@ def map_blob(storage: Storage, path: str, key: str, info: Mapping[str, Any], ver
             begin, end = _check_entry(st, "data", info, path)
             size = os.fstat(f.fileno()).st_size
             if start + end > size:
-                raise CorruptCheckpointError(f"tensor ends at byte {start + end}, the file has {size}",
-                                             path=path, entry=key, hint="file truncated?")
+                raise CorruptCheckpointError(
+                    f"tensor ends at byte {start + end}, the file has {size}",
+                    path=path, entry=key, hint="file truncated?")
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     except OSError as e:
         raise unreadable(e, path, key) from None
