@@ -238,3 +238,12 @@ def test_machine_builds_what_pickle_builds(protocol):
     out = restricted_loads(pickle.dumps(obj, protocol=protocol))
     assert out == obj
     assert out["shared"][0] is out["shared"][1]
+
+
+def test_scan_takes_a_path_object_like_a_string(tmp_path):
+    import pathlib
+
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    by_path, by_str = torchkeep.scan(pathlib.Path(path)), torchkeep.scan(str(path))
+    assert by_path.safe and by_str.safe and by_path.verdict == by_str.verdict == "safe"

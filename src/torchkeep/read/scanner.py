@@ -343,7 +343,7 @@ def _merge(rep: ScanReport, sub: ScanReport, rel: str) -> None:
     rep.limit = rep.limit or sub.limit
 
 
-def scan(path: str) -> ScanReport:
+def scan(path: str | os.PathLike) -> ScanReport:
     """List every global the pickles in ``path`` import, each classified safe/unsafe/unknown.
 
     Covers every pickle a file holds whatever its name or container, and every such file in a
@@ -351,6 +351,7 @@ def scan(path: str) -> ScanReport:
     anything from the file. Input over a limit (``torchkeep.read.limits``) raises LimitExceededError
     unless an unsafe global was already found (then the report says unsafe and names the limit).
     """
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise FormatError("no such file or folder", path=path)
     rep = _scan_folder(path) if os.path.isdir(path) else _scan_file(path, C.Budget())
