@@ -57,6 +57,9 @@ def _rank(r: int, n: int, port: int, mb: int, root: str, reps: int) -> None:
     model(torch.randn(4, 2048)).sum().backward()
     opt.step()
     state = torchkeep.TrainState(model=model, optimizer=opt)
+    # DCP's async_save runs its final collectives in a background thread; as its docs advise,
+    # it gets a gloo group of its own so they never interleave with this process's barriers.
+    dcp_async_pg = dist.new_group(backend="gloo")
     nbytes = sum(p.to_local().nbytes for p in model.parameters()) * 3 * n
 
     def timed(fn) -> float:
@@ -76,7 +79,8 @@ def _rank(r: int, n: int, port: int, mb: int, root: str, reps: int) -> None:
         res.setdefault("manager.save (sync)", []).append(timed(lambda: sync.save(state, step=1)))
         fut: list = []
         res.setdefault("dcp.async_save (blocking)", []).append(timed(
-            lambda: fut.append(dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=f"{d}/dcpa"))))
+            lambda: fut.append(dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=f"{d}/dcpa",
+                                              process_group=dcp_async_pg))))
         fut[0].result()
         asy = torchkeep.CheckpointManager(f"{d}/async", async_save=True)
         res.setdefault("manager.save (async, blocking)", []).append(timed(lambda: asy.save(state, step=1)))
