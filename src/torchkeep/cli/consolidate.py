@@ -7,7 +7,8 @@ import argparse
 
 from rich.markup import escape
 
-from torchkeep.cli._render import console, human_bytes, percent_progress, print_json
+from torchkeep.cli._output import add_force, check_output
+from torchkeep.cli._render import bytes_progress, console, human_bytes, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="every tensor of the state (optimizer, RNG, ...) under its dotted path")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "fp64"],
                    help="cast float16/bfloat16/float32/float64 tensors (others are kept)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_force(p)
     p.add_argument("--json", action="store_true", help="machine-readable result")
     p.set_defaults(func=run)
 
@@ -34,9 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from torchkeep.look.consolidate import consolidate
 
-    with percent_progress("consolidating") as on_progress:
+    check_output(args.dst, args.force)
+    with bytes_progress("consolidating") as on_progress:
         res = consolidate(args.src, args.dst, step=args.step, everything=args.everything,
-                          dtype=args.dtype, overwrite=args.overwrite, on_progress=on_progress)
+                          dtype=args.dtype, overwrite=args.force, on_progress=on_progress)
     if args.json:
         print_json(res.to_dict())
         return 0

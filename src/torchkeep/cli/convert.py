@@ -6,7 +6,9 @@ import argparse
 
 from rich.markup import escape
 
-from torchkeep.cli._render import console, human_bytes, percent_progress, print_json
+from torchkeep.cli._args import check_rules
+from torchkeep.cli._output import add_force, check_output
+from torchkeep.cli._render import bytes_progress, console, human_bytes, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-shard-size", metavar="SIZE", help="write shards of at most SIZE (e.g. 2GB, 500MB)")
     p.add_argument("--format", choices=["safetensors", "torch"],
                    help="output format (default: from DST's extension; safetensors otherwise)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    add_force(p)
     p.add_argument("--trust", action="store_true", help="allow code execution to load the weights")
     p.add_argument("--json", action="store_true", help="machine-readable result")
     p.set_defaults(func=run)
@@ -37,10 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from torchkeep.look.conversion import convert
 
-    with percent_progress("converting") as on_progress:
+    check_output(args.dst, args.force)
+    check_rules(args.rename, "--rename")
+    with bytes_progress("converting") as on_progress:
         res = convert(args.src, args.dst, strip_prefix=args.strip_prefix, add_prefix=args.add_prefix,
                       rename=args.rename, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                      trust=args.trust, format=args.format, overwrite=args.overwrite,
+                      trust=args.trust, format=args.format, overwrite=args.force,
                       on_progress=on_progress)
     if args.json:
         print_json(res.to_dict())
@@ -65,3 +69,4 @@ def run(args: argparse.Namespace) -> int:
         err.print(f"torchkeep: warning: {len(res.unshared)} tensors shared storage in the source but "
                   f"are written as separate copies: {escape(', '.join(res.unshared[:4]))}")
     return 0
+

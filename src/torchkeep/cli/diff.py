@@ -1,23 +1,27 @@
-"""``torchkeep diff A B``: how two checkpoints' model weights differ (exit 0 identical, 1 different)."""
+"""``torchkeep diff A B``: how two checkpoints differ, whole state or model weights only
+(exit 0 identical, 1 different)."""
 from __future__ import annotations
 
 import argparse
-import math
 
 from rich.markup import escape
-from rich.table import Table
 
-from torchkeep.cli._render import console, print_json
+from torchkeep.cli._args import positive
+from torchkeep.cli._render import console, print_json, show_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("diff", help="compare the weights of two checkpoints (exit 0 same, 1 different)",
-                       description="Keys only in A, only in B, shape and dtype changes, and for common "
-                                   "tensors the largest absolute difference and the relative change "
-                                   "||a-b||/||a||, sorted by change. Exit status: 0 identical, "
-                                   "1 different, 2 error.")
+    p = sub.add_parser("diff", help="compare two checkpoints' state (exit 0 same, 1 different)",
+                       description="Compare the whole state of A and B (model weights by the names a "
+                                   "bare model uses, every other tensor and plain value by its dotted "
+                                   "name), or only the model weights with --weights-only: names only "
+                                   "in A or B, shape and dtype changes, and for common tensors the "
+                                   "largest absolute difference and the relative change ||a-b||/||a||, "
+                                   "sorted by change. Exit status: 0 identical, 1 different, 2 error.")
     p.add_argument("a", metavar="A", help="checkpoint file or folder")
     p.add_argument("b", metavar="B", help="checkpoint file or folder")
+    p.add_argument("--weights-only", action="store_true",
+                   help="compare only the model weights each checkpoint holds")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--limit", type=int, default=20, metavar="N",
                    help="show the N most changed tensors (default 20; 0 shows all)")
@@ -25,66 +29,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _num(x: float) -> str:
-    if math.isinf(x):
-        return "inf"
-    if math.isnan(x):
-        return "nan"
-    return f"{x:.3g}"
-
-
-def _shape(s) -> str:
-    return "[" + ", ".join(str(int(v)) for v in s) + "]"
-
-
 def run(args: argparse.Namespace) -> int:
-    from torchkeep.look.diffing import diff
+    from torchkeep.look.diffing import TABLE_HEADER, diff, table_row
 
-    rep = diff(args.a, args.b, trust=args.trust)
+    positive("--limit", args.limit, zero_ok=True)
+    rep = diff(args.a, args.b, trust=args.trust, weights_only=args.weights_only)
     if args.json:
         print_json(rep.to_dict())
         return 0 if rep.identical else 1
     out = console()
-    out.print(f"[bold]A[/] {escape(rep.a)}\n[bold]B[/] {escape(rep.b)}")
-    limit = args.limit if args.limit and args.limit > 0 else None
-    for title, side in (("only in A", rep.only_a), ("only in B", rep.only_b)):
-        if side:
-            out.print(f"[bold]{title}[/] ({len(side)}):")
-            items = list(side.items())
-            for name, (shape, dtype) in items[:limit]:
-                out.print(f"  {escape(name)}  {_shape(shape)} {dtype}")
-            if limit and len(items) > limit:
-                out.print(f"  … {len(items) - limit} more")
-    if rep.shape_changed:
-        out.print(f"[bold]shape changed[/] ({len(rep.shape_changed)}):")
-        for c in rep.shape_changed[:limit]:
-            dt = f" {c.dtype_a} → {c.dtype_b}" if c.dtype_a != c.dtype_b else f" {c.dtype_a}"
-            out.print(f"  {escape(c.name)}  {_shape(c.shape_a)} → {_shape(c.shape_b)}{dt}")
-    changed = rep.changed
-    if changed:
-        t = Table(show_edge=False, header_style="bold", title=None)
-        t.add_column("tensor", overflow="fold")
-        t.add_column("shape")
-        t.add_column("dtype")
-        t.add_column("max |a-b|", justify="right")
-        t.add_column("rel change", justify="right")
-        t.add_column("elements changed", justify="right")
-        for d in changed[:limit]:
-            dt = d.dtype_a if not d.dtype_changed else f"{d.dtype_a} → {d.dtype_b}"
-            numel = 1
-            for s in d.shape:
-                numel *= s
-            el = f"{d.changed_elements:,}/{numel:,}"
-            if d.nan_mismatch:
-                el += f" ({d.nan_mismatch:,} NaN)"
-            t.add_row(escape(d.name), _shape(d.shape), dt, _num(d.max_abs), _num(d.rel_change), el)
-        out.print(t)
-        if limit and len(changed) > limit:
-            out.print(f"  … {len(changed) - limit} more changed tensors (--limit 0 shows all)")
-    n_common = len(rep.tensors)
-    verdict = "[green]identical[/]" if rep.identical else "[yellow]different[/]"
-    out.print(f"{verdict}: {n_common} common tensors, {len(changed)} changed, "
-              f"{len(rep.unchanged)} unchanged, {len(rep.dtype_changed)} dtype changes, "
-              f"{len(rep.shape_changed)} shape changes, {len(rep.only_a)} only in A, "
-              f"{len(rep.only_b)} only in B")
+    limit = args.limit or None
+    if not out.is_terminal:
+        out.print(rep.format(limit), markup=False)
+        return 0 if rep.identical else 1
+    # On a terminal: the same content as DiffReport.format, with a rich table and colour.
+    text = rep.format(limit).splitlines()
+    table_at = next((i for i, line in enumerate(text) if line.startswith(TABLE_HEADER[0] + "  ")), None)
+    before = text[:table_at] if table_at is not None else text[:-1]
+    for line in before:
+        out.print(escape(line))
+    if table_at is not None:
+        changed = rep.changed[:limit]
+        show_table(out, TABLE_HEADER, [tuple(escape(c) for c in table_row(d)) for d in changed],
+                   right=(3, 4, 5))
+        for line in text[table_at + 1 + len(changed):-1]:
+            out.print(escape(line))
+    colour = "green" if rep.identical else "yellow"
+    out.print(f"[{colour}]{escape(text[-1])}[/]")
+    if not args.weights_only and _names_disjoint(rep):
+        out.print("[dim]no tensor names in common: --weights-only compares the model weights "
+                  "each holds[/]")
     return 0 if rep.identical else 1
+
+
+def _names_disjoint(rep) -> bool:
+    return bool(rep.only_a and rep.only_b) and not rep.tensors and not rep.shape_changed

@@ -17,16 +17,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "parameter names and shapes) and, at every resume, compare what the restored "
                     "run produced at its first step with what the checkpoint recorded. Each "
                     "divergence is named in words. Exit 0 when every resume is exact, 1 when "
-                    "something diverged.")
+                    "something diverged, 2 when the folder holds no checkpoint.")
     p.add_argument("directory", help="the manager's folder (or an fsspec URL, or one step folder)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from torchkeep.cli.manage import check_folder, no_checkpoints
     from torchkeep.keep.doctor.folder import diagnose_folder
 
+    check_folder(args.directory, "doctor")
     rep = diagnose_folder(args.directory)
+    if not rep.steps:
+        raise no_checkpoints(args.directory)
     if args.json:
         print_json(rep.to_dict())
         return 0 if rep.ok else 1

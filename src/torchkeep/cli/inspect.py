@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from collections import OrderedDict
 from typing import Any
 
 from rich.markup import escape
-from rich.table import Table
 from rich.tree import Tree
 
-from torchkeep.cli._render import console, dtype_name, human_bytes, human_count, print_json
+from torchkeep.cli._render import (console, dtype_name, human_bytes, human_count, print_json,
+                                   show_table)
 from torchkeep.read.checkpoint import Checkpoint, Entry
 from torchkeep.read.formats.base import TensorRef
 from torchkeep.read.unpickler import Opaque
@@ -45,7 +44,13 @@ def run(args: argparse.Namespace) -> int:
     from torchkeep.look.inspection import describe
     from torchkeep.read import checkpoint
 
-    if ":" in args.path and not os.path.exists(args.path):
+    from torchkeep.cli._args import check_regex, positive
+    from torchkeep.cli.factory import is_factory
+
+    rx = check_regex(args.filter, "--filter") if args.filter else None
+    if args.depth is not None:
+        positive("--depth", args.depth)
+    if is_factory(args.path):
         return _inspect_factory(args)
     ck = checkpoint.open(args.path, trust=args.trust)
     with ck:
@@ -53,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
         values = other_values(ck.tree)
         contents = describe(ck)
         weights = _weight_entries(ck)
-        if args.filter:
-            rx = re.compile(args.filter)
+        if rx is not None:
             entries = [e for e in entries if rx.search(e.name)]
             weights = [e for e in weights if rx.search(e.name)]
             values = {n: v for n, v in values.items() if rx.search(n)}
@@ -174,7 +178,7 @@ def _render(ck: Checkpoint, entries: list[Entry], weights: list[Entry], values: 
     if rest:
         out.print(f"[bold]other tensors[/] ({human_count(len(rest))}, "
                   f"{human_bytes(sum(e.nbytes for e in rest))}):")
-        out.print(_table(rest, args, "group"))
+        _table(out, rest, args, "group")
     total = sum(e.numel for e in entries)
     out.print(f"[bold]in the file[/]: {human_count(len(entries))} tensors · {human_count(total)} "
               f"elements · {human_bytes(sum(e.nbytes for e in entries))}")
@@ -206,7 +210,7 @@ def _render_model(out: Any, ck: Checkpoint, weights: list[Entry], contents: Any,
     pre = f"; prefixes stripped: {', '.join(s.prefixes)}" if s.prefixes else ""
     out.print(f"  model weights: {where} ({len(weights)} tensors){pre}", markup=False)
     if weights:
-        out.print(_table(weights, args, "module"))
+        _table(out, weights, args, "module")
     dts = ", ".join(f"{k} {human_count(v)}" for k, v in sorted(m.by_dtype.items(), key=lambda kv: -kv[1]))
     extra = []
     if m.buffers:
@@ -242,27 +246,20 @@ def _render_training(out: Any, c: Any) -> None:
         out.print("[bold]progress[/]: " + ", ".join(f"{k}={v}" for k, v in c.progress.items()))
 
 
-def _table(entries: list[Entry], args: argparse.Namespace, first: str) -> Table:
-    t = Table(show_edge=False, header_style="bold")
+def _table(out: Any, entries: list[Entry], args: argparse.Namespace, first: str) -> None:
+    """Every tensor (--all) or tensors grouped by module, in the CLI's one table style."""
     if args.all:
-        t.add_column("name", overflow="fold", max_width=MAX_NAME)
-        for col in ("shape", "dtype", "bytes"):
-            t.add_column(col, justify="right" if col == "bytes" else "left")
-        for e in entries:
-            t.add_row(fit(e.name), _shape(e.shape), _dtype(e), human_bytes(e.nbytes))
-        return t
-    t.add_column(first, overflow="fold", max_width=MAX_NAME)
-    t.add_column("tensors", justify="right")
-    t.add_column("elements", justify="right")
-    t.add_column("bytes", justify="right")
-    t.add_column("dtypes")
-    t.add_column("shape")
+        show_table(out, ("name", "shape", "dtype", "bytes"),
+                   [(escape(fit(e.name)), _shape(e.shape), escape(_dtype(e)), human_bytes(e.nbytes))
+                    for e in entries], right=(3,))
+        return
+    rows = []
     for g, es in group_entries(entries, args.depth).items():
         dts = sorted({_dtype(e) for e in es})
         shape = _shape(es[0].shape) if len(es) == 1 else ""
-        t.add_row(fit(g), str(len(es)), human_count(sum(e.numel for e in es)),
-                  human_bytes(sum(e.nbytes for e in es)), ",".join(dts), shape)
-    return t
+        rows.append((escape(fit(g)), str(len(es)), human_count(sum(e.numel for e in es)),
+                     human_bytes(sum(e.nbytes for e in es)), escape(",".join(dts)), shape))
+    show_table(out, (first, "tensors", "elements", "bytes", "dtypes", "shape"), rows, right=(1, 2, 3))
 
 
 def _dtype(e: Entry) -> str:
@@ -342,12 +339,10 @@ def _json_value(v: Any) -> Any:
 
 
 def _inspect_factory(args: argparse.Namespace) -> int:
-    import json
-
-    from torchkeep.cli.factory import build_model
+    from torchkeep.cli.factory import build_model, parse_kwargs
     from torchkeep.shape import summary
 
-    model = build_model(args.path, json.loads(args.kwargs))
+    model = build_model(args.path, parse_kwargs(args.kwargs))
     s = summary(model)
     if args.json:
         print_json(s.to_dict() if hasattr(s, "to_dict") else str(s))

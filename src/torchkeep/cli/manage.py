@@ -5,9 +5,10 @@ import argparse
 import datetime
 import os
 
-from rich.table import Table
+from rich.markup import escape
 
-from torchkeep.cli._render import console, human_bytes, print_json
+from torchkeep.cli._render import console, human_bytes, print_json, show_table
+from torchkeep.errors import TorchkeepError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,6 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "in a CheckpointManager folder (reads commit records only).")
     p.add_argument("directory", help="the manager's folder (or an fsspec URL)")
     p.add_argument("--all", action="store_true", help="also list folders that were never committed")
+    p.add_argument("--monitor", metavar="METRIC",
+                   help="mark the best checkpoint by this metric (default: the manager's monitor=, "
+                        "recorded with each checkpoint)")
+    p.add_argument("--mode", choices=["min", "max"], help="with --monitor: lower or higher is better "
+                                                             "(default min)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run_ls)
 
@@ -23,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Read every tensor of every checkpoint and check it against the "
                                    "checksum in its manifest (xxh3; crc32 in older checkpoints), and "
                                    "both commit records. Exit 0 when all are good, 1 when any is "
-                                   "damaged.")
+                                   "damaged, 2 when the folder holds no checkpoint.")
     v.add_argument("directory", help="the manager's folder (or one checkpoint folder)")
     v.add_argument("--deep", action="store_true",
                    help="also check each shared blob's digest against its name")
@@ -31,12 +37,53 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.set_defaults(func=run_verify)
 
 
-def _manager(directory: str):
+LOOKED_FOR = ("looked for step-N folders with a commit.json (CheckpointManager) and folders sealed "
+              "with a torchkeep-commit.json (the transformers, accelerate and Lightning integrations)")
+
+
+def check_folder(directory: str, command: str) -> None:
+    """A missing path, or a file where a manager's folder is expected, as one clear error."""
+    if "://" in directory:
+        return
+    if os.path.isfile(directory):
+        raise TorchkeepError(f"{directory} is a file, not a folder",
+                             hint=f"{command} takes a CheckpointManager folder; "
+                                  f"for one checkpoint file use: torchkeep inspect {directory}")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(2, "no such folder", directory)
+
+
+def no_checkpoints(directory: str) -> TorchkeepError:
+    return TorchkeepError(f"no checkpoints in {directory}",
+                          hint=f"{LOOKED_FOR}; give the folder the manager was created with")
+
+
+def _manager(directory: str, command: str = "ls"):
     from torchkeep.keep.manager import CheckpointManager
 
-    if "://" not in directory and not os.path.isdir(directory):
-        raise FileNotFoundError(2, "no such folder", directory)
+    check_folder(directory, command)
     return CheckpointManager(directory, keep_last=None)
+
+
+def _best(mgr, infos, monitor: str | None, mode: str | None) -> tuple[int | None, str | None]:
+    """The best step by ``monitor`` (or the monitor the manager recorded), and a note when no
+    best can be named."""
+    from torchkeep.read.formats import native
+    from torchkeep.keep.retention import ranked_best
+
+    good = [i for i in infos if i.status == "ok"]
+    if not good:
+        return None, None
+    if monitor is None and mgr is not None:
+        rec = native.read_commit(mgr.storage, good[-1].path) or {}
+        recorded = rec.get("monitor") if isinstance(rec.get("monitor"), dict) else {}
+        monitor, mode = recorded.get("metric"), mode or recorded.get("mode")
+    if not monitor:
+        return None, "no best marked: the manager had no monitor= (--monitor METRIC names one)"
+    ranked = ranked_best(good, monitor, mode or "min")
+    if not ranked:
+        return None, f"no best marked: no checkpoint has a numeric {monitor!r} metric"
+    return ranked[0].step, None
 
 
 def _time(t: float | None) -> str:
@@ -51,24 +98,23 @@ def _metrics(m: dict) -> str:
     return ", ".join(f"{k}={fmt(v)}" for k, v in m.items()) or "-"
 
 
-def _row_json(info, latest) -> dict:
+def _row_json(info, latest, best=None) -> dict:
     return {"step": info.step, "path": info.path, "time": info.time, "metrics": info.metrics,
             "nbytes": info.nbytes, "written": info.written, "status": info.status,
-            "latest": info.step == latest, "problems": info.problems}
+            "latest": info.step == latest, "best": info.step == best, "problems": info.problems}
 
 
-def _table(infos, latest: int | None, title: str) -> Table:
-    t = Table(title=title, title_justify="left", show_edge=False, header_style="bold")
-    for col, just in (("step", "right"), ("time", "left"), ("metrics", "left"),
-                      ("size", "right"), ("written", "right"), ("status", "left")):
-        t.add_column(col, justify=just)  # type: ignore[arg-type]
+def _table(out, infos, latest: int | None, title: str, best: int | None = None) -> None:
+    rows = []
     for i in infos:
-        status = i.status + (" (latest)" if i.step == latest else "")
-        style = {"ok": "green", "damaged": "bold red", "uncommitted": "yellow"}.get(i.status, "")
-        t.add_row(str(i.step), _time(i.time), _metrics(i.metrics),
-                  human_bytes(i.nbytes) if i.status == "ok" or i.nbytes else "-",
-                  human_bytes(i.written) if i.written else "-", f"[{style}]{status}[/]")
-    return t
+        marks = [m for m, s in (("latest", latest), ("best", best)) if i.step == s]
+        status = i.status + (f" ({', '.join(marks)})" if marks else "")
+        style = {"ok": "green", "damaged": "bold red", "uncommitted": "yellow"}.get(i.status, "default")
+        rows.append((str(i.step), _time(i.time), escape(_metrics(i.metrics)),
+                     human_bytes(i.nbytes) if i.status == "ok" or i.nbytes else "-",
+                     human_bytes(i.written) if i.written else "-", f"[{style}]{status}[/]"))
+    show_table(out, ("step", "time", "metrics", "size", "written", "status"), rows,
+               right=(0, 3, 4), title=escape(title))
 
 
 def _other_folders(directory: str, check: bool):
@@ -79,21 +125,26 @@ def _other_folders(directory: str, check: bool):
 
 
 def run_ls(args: argparse.Namespace) -> int:
+    check_folder(args.directory, "ls")
+    mgr = None
     infos = _other_folders(args.directory, check=False)
     if infos is not None:
         infos = [i for i in infos if i.status == "ok" or args.all]
     else:
-        infos = _manager(args.directory).list(include_uncommitted=args.all)
+        mgr = _manager(args.directory, "ls")
+        infos = mgr.list(include_uncommitted=args.all)
+    if not infos:
+        raise no_checkpoints(args.directory)
     good = [i.step for i in infos if i.status == "ok"]
     latest = good[-1] if good else None
+    best, note = _best(mgr, infos, args.monitor, args.mode)
     if args.json:
-        print_json([_row_json(i, latest) for i in infos])
+        print_json([_row_json(i, latest, best) for i in infos])
         return 0
     out = console()
-    if not infos:
-        out.print(f"{args.directory}: no checkpoints")
-        return 0
-    out.print(_table(infos, latest, f"{args.directory}: {len(good)} checkpoint(s)"))
+    _table(out, infos, latest, f"{args.directory}: {len(good)} checkpoint(s)", best)
+    if note:
+        out.print(note, markup=False)
     return 0
 
 
@@ -103,9 +154,8 @@ def run_verify(args: argparse.Namespace) -> int:
     from torchkeep.store.backends import storage_for
 
     directory = args.directory
+    check_folder(directory, "verify")
     storage, root = storage_for(directory)
-    if "://" not in directory and not os.path.isdir(directory):
-        raise FileNotFoundError(2, "no such folder", directory)
     others = _other_folders(directory, check=True)
     if others is not None:
         infos = others
@@ -116,7 +166,9 @@ def run_verify(args: argparse.Namespace) -> int:
                                 status="damaged" if problems else "ok",
                                 problems=[str(p) for p in problems])]
     else:
-        infos = _manager(directory).verify(deep=args.deep)
+        infos = _manager(directory, "verify").verify(deep=args.deep)
+    if not infos:
+        raise no_checkpoints(directory)
     bad = [i for i in infos if i.status == "damaged"]
     good = [i.step for i in infos if i.status == "ok"]
     latest = good[-1] if good else None
@@ -124,13 +176,10 @@ def run_verify(args: argparse.Namespace) -> int:
         print_json({"ok": not bad, "checkpoints": [_row_json(i, latest) for i in infos]})
         return 1 if bad else 0
     out = console()
-    if not infos:
-        out.print(f"{directory}: no checkpoints")
-        return 0
-    out.print(_table(infos, latest, f"{directory}: verified {len(infos)} checkpoint(s)"))
+    _table(out, infos, latest, f"{directory}: verified {len(infos)} checkpoint(s)")
     for i in bad:
         for p in i.problems:
-            out.print(f"[red]damaged[/] step {i.step}: {p}", soft_wrap=True)
+            out.print(f"[red]damaged[/] step {i.step}: {escape(p)}", soft_wrap=True)
     if bad:
         out.print(f"[bold red]{len(bad)} damaged[/]; restore() skips them and resumes from the "
                   f"newest good one" + (f" (step {latest})" if latest is not None else ""))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from torchkeep.cli._args import positive
+from torchkeep.cli._output import add_force, check_output
 from torchkeep.cli._render import console, human_bytes, progress
 
 
@@ -18,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", help="checkpoint file or folder (a, 'before')")
     p.add_argument("other", nargs="?", help="second checkpoint to compare with (b, 'after')")
     p.add_argument("-o", "--output", default="report.html", metavar="FILE",
-                   help="where to write the page (default: report.html)")
+                   help="where to write the page (default: report.html; an existing file needs --force)")
     p.add_argument("--all-tensors", action="store_true",
                    help="analyse every tensor in the file (optimizer state too), not just the model weights")
     p.add_argument("--top", type=int, default=12, metavar="N",
@@ -26,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bins", type=int, default=48, metavar="N", help="histogram bins (default 48)")
     p.add_argument("--explode-at", type=float, default=1e3, metavar="X",
                    help="flag floating tensors whose max |x| exceeds X (default 1000)")
+    add_force(p)
     p.set_defaults(func=run)
 
 
@@ -35,8 +38,9 @@ def run(args: argparse.Namespace) -> int:
     from torchkeep.look.stats import Thresholds
     from torchkeep.store.files import atomic_write
 
-    if args.top < 0 or args.bins < 1:
-        raise ValueError("--top must be >= 0 and --bins >= 1")
+    positive("--top", args.top, zero_ok=True)
+    positive("--bins", args.bins)
+    check_output(args.output, args.force, option="-o")
     options = ReportOptions(top=args.top, bins=args.bins,
                             thresholds=Thresholds(explode_at=args.explode_at),
                             all_tensors=args.all_tensors)

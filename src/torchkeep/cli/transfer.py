@@ -10,18 +10,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 from typing import Any
 
 import torch
 from torch import nn
 
+from rich.markup import escape
+
 from torchkeep.carry.planner import MATCH_MODES, TransferReport, transfer
 from torchkeep.cli import _render
-from torchkeep.cli.factory import build_model
+from torchkeep.cli._args import check_rules
+from torchkeep.cli._output import add_force, check_output
+from torchkeep.cli.factory import build_model, is_factory, parse_kwargs
 from torchkeep.errors import TransferError
-
-_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 _FATE_STYLE = {"loaded": "green", "adapted": "cyan", "missing": "yellow", "unused": "red"}
 
@@ -52,14 +53,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --out, write even when no tensor at all would be transferred "
                         "(otherwise that fails with exit 2)")
     p.add_argument("--dry-run", action="store_true", help="plan only; write nothing")
+    add_force(p)
     p.add_argument("--trust", action="store_true",
                    help="allow code execution when opening pickle checkpoints (only for files you trust)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
-
-
-def _is_factory(spec: str) -> bool:
-    return not os.path.exists(spec) and bool(_FACTORY.match(spec))
 
 
 def _open(path: str, trust: bool):
@@ -68,13 +66,11 @@ def _open(path: str, trust: bool):
 
 
 def _target(spec: str, args: argparse.Namespace, writing: bool) -> tuple[Any, str]:
-    if _is_factory(spec):
-        kwargs = json.loads(args.kwargs) if args.kwargs else {}
-        if not isinstance(kwargs, dict):
-            raise ValueError("--kwargs must be a JSON object")
-        return build_model(spec, kwargs), spec
+    if is_factory(spec):
+        return build_model(spec, parse_kwargs(args.kwargs)), spec
     if args.kwargs:
-        raise ValueError("--kwargs applies to a TARGET factory (package.module:Factory), not a file")
+        raise TransferError("--kwargs applies to a TARGET factory (package.module:Factory), not a file",
+                            hint="drop --kwargs, or give --into as package.module:Factory")
     ckpt = _open(spec, args.trust)
     if writing:
         # Real tensors to fill in place; cloned so none is backed by a read-only file mapping.
@@ -88,7 +84,7 @@ def _target(spec: str, args: argparse.Namespace, writing: bool) -> tuple[Any, st
 
 
 def _source(spec: str, args: argparse.Namespace) -> Any:
-    if _is_factory(spec):
+    if is_factory(spec):
         return build_model(spec)
     return _open(spec, args.trust)
 
@@ -130,32 +126,35 @@ def write_safetensors(state: dict[str, torch.Tensor], path: str, metadata: dict[
 
 def _render_report(report: TransferReport) -> None:
     con = _render.console()
-    if not con.is_terminal:
-        print(str(report))
-        return
-    from rich.table import Table
-
-    con.print(report.headline())
+    con.print(report.headline(), markup=False)
     methods = report.methods()
     if methods:
-        con.print("matched by: " + ", ".join(f"{m} {n}" for m, n in methods.items()))
+        con.print("matched by: " + ", ".join(f"{m} {n}" for m, n in methods.items()), markup=False)
     if report.stripped:
-        con.print("source prefixes stripped: " + ", ".join(report.stripped))
-    table = Table(show_edge=False, pad_edge=False, header_style="bold")
-    for col in ("fate", "target", "shape", "source", "detail"):
-        table.add_column(col, overflow="fold")
-    for fate, t, shape, s, detail in report.rows():
-        table.add_row(f"[{_FATE_STYLE[fate]}]{fate}[/]", t, shape, s, detail)
-    con.print(table)
+        con.print("source prefixes stripped: " + ", ".join(report.stripped), markup=False)
+    con.print()
+    rows = [(f"[{_FATE_STYLE[fate]}]{fate}[/]", escape(t), shape, escape(s), escape(detail))
+            for fate, t, shape, s, detail in report.rows()]
+    _render.show_table(con, ("fate", "target", "shape", "source", "detail"), rows)
 
 
 def run(args: argparse.Namespace) -> int:
     writing = bool(args.out) and not args.dry_run
+    check_rules(args.rule, "--rule")
+    if writing:
+        check_output(args.out, args.force, option="--out")
     target, target_label = _target(args.into, args, writing)
     source = _source(args.src, args)
-    report = transfer(target, source, rules=args.rule or None, match=args.match,
-                      adapt=not args.no_adapt, strict=args.strict, dry_run=not writing,
-                      allow_empty=args.allow_empty)
+    try:
+        report = transfer(target, source, rules=args.rule or None, match=args.match,
+                          adapt=not args.no_adapt, strict=args.strict, dry_run=not writing,
+                          allow_empty=args.allow_empty)
+    except TransferError as e:
+        if not args.strict or e.hint is None or "strict=False" not in e.hint:
+            raise
+        raise TransferError(e.detail, path=e.path, entry=e.entry,
+                            hint="drop --strict to load what fits, or add --rule REGEX=REPL "
+                                 "renames; the plan without --strict lists every tensor") from None
     report.source, report.target = str(args.src), target_label
     if writing:
         meta = {"format": "pt", "torchkeep.carry.planner.source": str(args.src),

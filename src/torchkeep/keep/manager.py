@@ -352,6 +352,8 @@ class CheckpointManager(FlushOnExit):
         res = self.writer.write(folder, snap, known=known, meta=meta, hints=hints)
         record = {"step": step, "created": created, "metrics": mjson,
                   "manifest_sha256": res.manifest_sha256, "nbytes": res.nbytes, "written": res.written}
+        if self.monitor:  # lets `torchkeep ls` mark the best checkpoint as this manager ranks them
+            record["monitor"] = {"metric": self.monitor, "mode": self.mode}
         with self._mutex:  # torchkeep.keep.doctor.live: the fingerprint goes into the commit record
             fingerprint = self._fingerprints.pop(step, None)
         if fingerprint is not None:

@@ -1,4 +1,5 @@
-"""Compare the model weights of two checkpoints tensor by tensor, without holding either whole.
+"""Compare two checkpoints' whole state (or only their model weights) tensor by tensor, without
+holding either whole.
 
 Names present on one side only, shape and dtype changes, and for every common tensor the largest
 absolute difference and the relative change ``||a - b|| / ||a||``, accumulated in float64 over
@@ -59,6 +60,9 @@ class DiffReport:
     only_b: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)
     shape_changed: list[ShapeChange] = field(default_factory=list)
     tensors: list[TensorDiff] = field(default_factory=list)
+    # plain values (epoch, lr, ...) that differ: name -> (a, b); MISSING on the side without it
+    values: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    weights_only: bool = False
 
     @property
     def changed(self) -> list[TensorDiff]:
@@ -75,21 +79,19 @@ class DiffReport:
     @property
     def identical(self) -> bool:
         """Same names, shapes, dtypes and bytes."""
-        return not (self.only_a or self.only_b or self.shape_changed or self.changed)
+        return not (self.only_a or self.only_b or self.shape_changed or self.changed or self.values)
 
     def to_dict(self) -> dict[str, Any]:
-        def num(x: float) -> Any:
-            return x if math.isfinite(x) else str(x)
-
+        """Plain Python values (non-finite floats stay floats; the CLI's --json writes them as
+        null with a ``<key>_nonfinite`` flag)."""
         tensors = []
         for t in self.tensors:
             d = asdict(t)
             d["shape"] = list(t.shape)
-            d["max_abs"], d["rel_change"] = num(t.max_abs), num(t.rel_change)
-            d["norm_a"], d["norm_diff"] = num(t.norm_a), num(t.norm_diff)
             tensors.append(d)
         return {
-            "a": self.a, "b": self.b, "identical": self.identical,
+            "a": self.a, "b": self.b, "identical": self.identical, "weights_only": self.weights_only,
+            "values": {k: {"a": _plain(va), "b": _plain(vb)} for k, (va, vb) in self.values.items()},
             "only_a": {k: {"shape": list(s), "dtype": d} for k, (s, d) in self.only_a.items()},
             "only_b": {k: {"shape": list(s), "dtype": d} for k, (s, d) in self.only_b.items()},
             "shape_changed": [{**asdict(c), "shape_a": list(c.shape_a), "shape_b": list(c.shape_b)}
@@ -97,28 +99,129 @@ class DiffReport:
             "counts": {"common": len(self.tensors), "changed": len(self.changed),
                        "unchanged": len(self.unchanged), "dtype_changed": len(self.dtype_changed),
                        "only_a": len(self.only_a), "only_b": len(self.only_b),
-                       "shape_changed": len(self.shape_changed)},
+                       "shape_changed": len(self.shape_changed), "values": len(self.values)},
             "tensors": tensors,
         }
+
+    def headline(self) -> str:
+        what = "model weights" if self.weights_only else "whole state"
+        return (f"{'identical' if self.identical else 'different'} ({what}): {len(self.tensors)} "
+                f"common tensors, {len(self.changed)} changed, {len(self.unchanged)} unchanged, "
+                f"{len(self.dtype_changed)} dtype changes, {len(self.shape_changed)} shape changes, "
+                f"{len(self.only_a)} only in A, {len(self.only_b)} only in B"
+                + ("" if self.weights_only else f", {len(self.values)} other values differ"))
+
+    def format(self, limit: int | None = 20) -> str:
+        """Plain text: names on one side only, shape changes, the ``limit`` most changed tensors
+        (None: all) in an aligned table, differing values, and the headline."""
+        from torchkeep.textable import aligned
+
+        lines = [f"A {self.a}", f"B {self.b}"]
+        for title, side in (("only in A", self.only_a), ("only in B", self.only_b)):
+            if side:
+                lines.append(f"{title} ({len(side)}):")
+                lines += [f"  {n}  {_shape(s)} {dt}" for n, (s, dt) in list(side.items())[:limit]]
+                if limit is not None and len(side) > limit:
+                    lines.append(f"  … {len(side) - limit} more")
+        if self.shape_changed:
+            lines.append(f"shape changed ({len(self.shape_changed)}):")
+            for c in self.shape_changed[:limit]:
+                dt = f" {c.dtype_a} → {c.dtype_b}" if c.dtype_a != c.dtype_b else f" {c.dtype_a}"
+                lines.append(f"  {c.name}  {_shape(c.shape_a)} → {_shape(c.shape_b)}{dt}")
+        changed = self.changed
+        if changed:
+            lines.append(aligned(TABLE_HEADER, [table_row(d) for d in changed[:limit]], right=(3, 4, 5)))
+            if limit is not None and len(changed) > limit:
+                lines.append(f"  … {len(changed) - limit} more changed tensors")
+        if self.values:
+            lines.append(f"values changed ({len(self.values)}):")
+            for n, (va, vb) in list(self.values.items())[:limit]:
+                lines.append(f"  {n}: {_show(va)} → {_show(vb)}")
+        lines.append(self.headline())
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+MISSING: Any = _Missing()
+TABLE_HEADER = ("tensor", "shape", "dtype", "max |a-b|", "rel change", "elements changed")
+
+
+def _plain(v: Any) -> Any:
+    return None if v is MISSING else v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
+
+
+def _show(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:59] + "…"
+
+
+def _shape(s: Iterable[int]) -> str:
+    return "[" + ", ".join(str(int(v)) for v in s) + "]"
+
+
+def _num(x: float) -> str:
+    return "nan" if math.isnan(x) else ("inf" if math.isinf(x) else f"{x:.3g}")
+
+
+def table_row(d: TensorDiff) -> tuple[str, str, str, str, str, str]:
+    """``TABLE_HEADER``'s cells for one changed tensor."""
+    numel = 1
+    for n in d.shape:
+        numel *= n
+    el = f"{d.changed_elements:,}/{numel:,}" + (f" ({d.nan_mismatch:,} NaN)" if d.nan_mismatch else "")
+    dt = d.dtype_a if not d.dtype_changed else f"{d.dtype_a} → {d.dtype_b}"
+    return d.name, _shape(d.shape), dt, _num(d.max_abs), _num(d.rel_change), el
 
 
 def _label(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _side(x: Any, trust: bool) -> tuple[str, dict[str, TensorRef | torch.Tensor], Any]:
-    """(description, name -> lazy or in-memory tensor, checkpoint to close)."""
+def _side(x: Any, trust: bool, weights_only: bool
+          ) -> tuple[str, dict[str, TensorRef | torch.Tensor], dict[str, Any], Any]:
+    """(description, name -> lazy or in-memory tensor, name -> plain value, checkpoint to
+    close). The model weights go by the names a bare model uses ('module.' stripped); with the
+    whole state, every other tensor and plain value goes by its full dotted name."""
     from torchkeep.read.checkpoint import Checkpoint
     from torchkeep.read.checkpoint import open as open_checkpoint
 
     if isinstance(x, Mapping):
-        return "<state dict>", {str(k): v for k, v in x.items() if isinstance(v, torch.Tensor)}, None
+        tensors = {str(k): v for k, v in x.items() if isinstance(v, torch.Tensor)}
+        values = {} if weights_only else {str(k): v for k, v in x.items() if _is_plain(v)}
+        return "<state dict>", tensors, values, None
     ck = x if isinstance(x, Checkpoint) else open_checkpoint(x, trust=trust)
     closer = None if isinstance(x, Checkpoint) else ck
     refs: dict[str, Any] = dict(ck.state_refs())
+    wrapper = ck.summary.wrapper
     if not refs:  # no state dict found: compare every tensor by its full name
-        refs = {e.name: e.ref for e in ck.entries() if e.ref is not None}
-    return ck.path, refs, closer
+        refs, wrapper = {}, None
+    values: dict[str, Any] = {}
+    if not weights_only or not refs:
+        inside = (lambda n: True) if wrapper == "" else (
+            lambda n: wrapper is not None and (n == wrapper or n.startswith(wrapper + ".")))
+        refs.update({e.name: e.ref for e in ck.entries() if e.ref is not None and not inside(e.name)})
+    if not weights_only:
+        from torchkeep.read import tree
+
+        values = {n: v for n, v in tree.walk(ck.tree) if _is_plain(v)}
+    return ck.path, refs, values, closer
+
+
+def _is_plain(v: Any) -> bool:
+    return isinstance(v, (int, float, str, bool, type(None))) and not isinstance(v, TensorRef)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and a == b
 
 
 def _meta(v: Any) -> tuple[tuple[int, ...], torch.dtype]:
@@ -198,12 +301,15 @@ def _order(t: TensorDiff) -> tuple:
     return (t.unchanged, -rel, -t.max_abs, t.name)
 
 
-def diff(a: Any, b: Any, *, trust: bool = False, names: Iterable[str] | None = None) -> DiffReport:
-    """Compare the model weights of ``a`` and ``b`` (paths, open Checkpoints or mappings of
-    names to tensors). Tensors are read one pair at a time; ``names`` limits the comparison."""
-    desc_a, A, close_a = _side(a, trust)
+def diff(a: Any, b: Any, *, trust: bool = False, names: Iterable[str] | None = None,
+         weights_only: bool = False) -> DiffReport:
+    """Compare ``a`` and ``b`` (paths, open Checkpoints or mappings of names to tensors): their
+    whole state (model weights, optimizer state, every other tensor and plain value), or with
+    ``weights_only`` only the model weights each holds. Tensors are read one pair at a time;
+    ``names`` limits the comparison."""
+    desc_a, A, VA, close_a = _side(a, trust, weights_only)
     try:
-        desc_b, B, close_b = _side(b, trust)
+        desc_b, B, VB, close_b = _side(b, trust, weights_only)
     except BaseException:
         if close_a is not None:
             close_a.close()
@@ -213,7 +319,13 @@ def diff(a: Any, b: Any, *, trust: bool = False, names: Iterable[str] | None = N
             keep = set(names)
             A = {k: v for k, v in A.items() if k in keep}
             B = {k: v for k, v in B.items() if k in keep}
-        rep = DiffReport(a=desc_a, b=desc_b)
+            VA = {k: v for k, v in VA.items() if k in keep}
+            VB = {k: v for k, v in VB.items() if k in keep}
+        rep = DiffReport(a=desc_a, b=desc_b, weights_only=weights_only)
+        for k in list(VA) + [k for k in VB if k not in VA]:
+            va, vb = VA.get(k, MISSING), VB.get(k, MISSING)
+            if not _same(va, vb):
+                rep.values[k] = (va, vb)
         for k, v in A.items():
             if k not in B:
                 s, dt = _meta(v)
@@ -241,4 +353,4 @@ def diff(a: Any, b: Any, *, trust: bool = False, names: Iterable[str] | None = N
                 c.close()
 
 
-__all__ = ["diff", "DiffReport", "TensorDiff", "ShapeChange", "compare"]
+__all__ = ["diff", "DiffReport", "TensorDiff", "ShapeChange", "compare", "MISSING"]
