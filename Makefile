@@ -4,18 +4,21 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.torchkeep-installed
 DEMO_DIR ?= demo-run
+# Where pip finds torch. Empty: pip's configured index (PyPI's Linux wheel is the CUDA build).
+# CPU-only machine: make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 
-.PHONY: demo test install bench clean chromium
+.PHONY: demo test install bench clean chromium docs
 
 install: $(STAMP)
 
-# torch first, pinned to the local CPU wheel; then everything else under a constraints
-# file that keeps that torch, so pip never resolves torch (and CUDA) on its own.
+# torch first, pinned; then everything else under a constraints file that keeps that torch,
+# so pip never resolves torch (and CUDA) a second time on its own.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	# DS_BUILD_OPS=0: DeepSpeed (a test-only writer) builds no C++/CUDA ops; it runs on its CPU accelerator
-	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -c constraints.txt -e '.[test,docs]'
 	# timm without its torchvision requirement (the only torchvision wheel for torch 2.13 is a CUDA
 	# build); its other needs come with transformers. torchvision (for timm in the tests only) goes
 	# beside, not in, the environment: see tests/_timm.py
@@ -23,6 +26,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --no-deps --target $(VENV)/torchvision-nodeps torchvision==0.28.0 \
 	  || echo "note: torchvision not installed; the timm tests will be skipped"
 	touch $(STAMP)
+
+# The API reference, generated from the docstrings by pdoc into docs/api/ (not committed).
+docs: $(STAMP)
+	rm -rf docs/api
+	$(PY) -m pdoc --docformat restructuredtext -o docs/api torchkeep
+	@echo "open docs/api/index.html"
 
 demo: $(STAMP)
 	$(VENV)/bin/torchkeep demo --dir $(DEMO_DIR)
@@ -41,4 +50,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache build *.egg-info src/*.egg-info docs/api

@@ -107,13 +107,13 @@ def test_unstorable_object_names_its_path():
     with pytest.raises(StateError) as e:
         serial.encode({"extras": {"cb": [1, Custom()]}})
     assert e.value.entry == "extras.cb[1]"
-    assert "Custom" in str(e.value) and "allow_pickle" in str(e.value)
+    assert "Custom" in str(e.value) and "trust=True" in str(e.value)
     with pytest.raises(StateError, match="lambda"):
         serial.encode({"f": lambda x: x}, allow_pickle=True)
     back = through_json({"obj": module_level_schedule}, allow_pickle=True)
     assert back["obj"] is module_level_schedule
     enc = serial.encode({"obj": module_level_schedule}, allow_pickle=True)
-    with pytest.raises(StateError, match="allow_pickle"):
+    with pytest.raises(StateError, match="trust=True"):
         serial.decode(enc.tree, lambda k, t: None)  # refused unless the caller opts in
 
 
@@ -137,7 +137,7 @@ def test_lambda_lr_refused_with_path_unless_pickle_allowed():
     for _ in range(3):
         opt.step()
         sched2.step()
-    st = TrainState(optimizer=opt, scheduler=sched2, allow_pickle=True)
+    st = TrainState(optimizer=opt, scheduler=sched2, trust=True)
     back = through_json(st.capture(), allow_pickle=True)
     opt_b = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
     sched_b = torch.optim.lr_scheduler.LambdaLR(opt_b, lambda s: 1.0)

@@ -451,11 +451,14 @@ class CheckpointManager(FlushOnExit):
             return found
         raise ValueError(f"which must be 'latest', 'best' or a step, got {which!r}")
 
-    def load(self, which: Which = "latest", *, allow_pickle: bool = False, verify: bool = True
-             ) -> tuple[int, dict[str, Any]] | None:
+    def load(self, which: Which = "latest", *, trust: bool = False, verify: bool = True,
+             allow_pickle: bool | None = None) -> tuple[int, dict[str, Any]] | None:
         """(step, state tree with tensors) of a checkpoint, verified; falls back to older good
-        checkpoints like :meth:`restore`. None when there is none."""
-        got = self._load(which, allow_pickle, verify)
+        checkpoints like :meth:`restore`. None when there is none. ``trust`` unpickles values
+        saved with ``TrainState(trust=True)`` (``allow_pickle`` is its deprecated alias)."""
+        from .state import pickle_opt_in
+
+        got = self._load(which, pickle_opt_in(trust, allow_pickle, "CheckpointManager.load"), verify)
         return None if got is None else (got[0].step, got[1])
 
     def _load(self, which: Which, allow_pickle: bool, verify: bool = True
@@ -473,7 +476,7 @@ class CheckpointManager(FlushOnExit):
         def pickled(value: serial.PickledValue, path: str) -> Any:
             if not allow_pickle:
                 raise StateError(f"holds a pickled {value.type_name}", entry=path,
-                                 hint="create the TrainState with allow_pickle=True to unpickle it")
+                                 hint="create the TrainState with trust=True to unpickle it")
             return value.load()
 
         try:

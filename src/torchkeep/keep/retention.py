@@ -23,6 +23,13 @@ class CheckpointInfo:
     status: str = "ok"       # 'ok' | 'uncommitted' | 'damaged'
     problems: list[str] = field(default_factory=list)
 
+    def __str__(self) -> str:
+        metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in self.metrics.items())
+        extra = f" [{metrics}]" if metrics else ""
+        problems = f": {'; '.join(self.problems)}" if self.problems else ""
+        return f"step {self.step} ({self.status}) {self.path}{extra}{problems}"
+
     @property
     def name(self) -> str:
         return self.path.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]

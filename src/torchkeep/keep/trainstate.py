@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import logging
 import types
+import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
@@ -48,6 +49,15 @@ def _path(part: str, name: str) -> str:
     return f"{part}.{name}" if name else part
 
 
+def pickle_opt_in(trust: bool, allow_pickle: bool | None, where: str) -> bool:
+    """``trust``, or the deprecated ``allow_pickle`` (with a DeprecationWarning) when given."""
+    if allow_pickle is None:
+        return trust
+    warnings.warn(f"{where}(allow_pickle=...) is deprecated; use trust=... (the same opt-in "
+                  f"torchkeep.open and the CLI's --trust use)", DeprecationWarning, stacklevel=3)
+    return bool(allow_pickle) or trust
+
+
 class TrainState:
     """The state of a training run: pass the objects, get ``capture()`` / ``restore()``.
 
@@ -55,19 +65,20 @@ class TrainState:
     dict of several (``model={'gen': g, 'disc': d}``). ``extras`` is a dict of JSON-able values
     and tensors that :meth:`restore` updates in place. With several dataloaders, the first one
     drives ``epoch`` and ``step``. Objects that cannot be stored as typed JSON (a LambdaLR's
-    lambda, custom classes) raise StateError naming their path unless ``allow_pickle=True``.
+    lambda, custom classes) raise StateError naming their path unless ``trust=True`` (the one
+    name of the pickle opt-in across torchkeep; ``allow_pickle`` is its deprecated alias).
     """
 
     def __init__(self, model: Any = None, optimizer: Any = None, scheduler: Any = None,
                  scaler: Any = None, dataloader: Any = None, extras: dict[str, Any] | None = None,
-                 *, allow_pickle: bool = False, rng: bool = True) -> None:
+                 *, trust: bool = False, rng: bool = True, allow_pickle: bool | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.scaler = scaler
         self.dataloader = dataloader
         self.extras: dict[str, Any] = extras if extras is not None else {}
-        self.allow_pickle = allow_pickle
+        self.trust = pickle_opt_in(trust, allow_pickle, "TrainState")
         self.capture_rng = rng
         self.step = 0
         self.max_steps: int | None = None   # the budget of the latest batches(max_steps=...)
@@ -83,6 +94,11 @@ class TrainState:
         # a restore sets it to check the run at its first batch against the checkpoint ----------
         self.before_first_batch: Callable[[TrainState, str], None] | None = None
         # ------------------------------------------------------------------------------------------
+
+    @property
+    def allow_pickle(self) -> bool:
+        """Deprecated name of :attr:`trust`."""
+        return self.trust
 
     @property
     def _parts(self) -> dict[str, dict[str, Any]]:
@@ -198,7 +214,7 @@ class TrainState:
         """The state as nested containers of plain values and tensors (live tensors, not copies).
 
         Raises StateError naming the path of anything that cannot be stored without pickle
-        (unless ``allow_pickle``), e.g. ``scheduler.lr_lambdas[0]``.
+        (unless ``trust``), e.g. ``scheduler.lr_lambdas[0]``.
         """
         tree: dict[str, Any] = {}
         types_: dict[str, str] = {}
@@ -256,7 +272,7 @@ class TrainState:
                             f"{type(s).__name__} holds a function ({fn.__qualname__}); functions are "
                             f"code and cannot be stored as data", entry=f"{path}.lr_lambdas[{i}]",
                             hint="use a built-in scheduler (LinearLR, CosineAnnealingLR, OneCycleLR, "
-                                 "SequentialLR), or pass allow_pickle=True with a module-level function")
+                                 "SequentialLR), or pass trust=True with a module-level function")
                     stored[i] = fn
             sd["lr_lambdas"] = stored
         return sd

@@ -69,6 +69,27 @@ class ConvertResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def __str__(self) -> str:
+        where = f" from '{self.wrapper}'" if self.wrapper else ""
+        pre = f", stripped {', '.join(self.prefixes)}" if self.prefixes else ""
+        files = f"{len(self.files)} file{'s' if len(self.files) != 1 else ''}"
+        check = "verified against the source" if self.verified else "NOT verified"
+        lines = [f"wrote {self.dst} ({self.format}): {self.tensors} tensors{where}{pre}, "
+                 f"{self.nbytes:,} bytes in {files}, {check} in {self.seconds:.1f}s"]
+        if self.aliases:
+            shown = ", ".join(f"{a} → {b}" for a, b in list(self.aliases.items())[:4])
+            more = f" (+{len(self.aliases) - 4} more)" if len(self.aliases) > 4 else ""
+            lines.append(f"  shared tensors written once: {shown}{more}")
+        if self.renamed:
+            lines.append(f"  renamed {len(self.renamed)} tensors")
+        if self.cast:
+            lines.append(f"  cast {len(self.cast)} tensors")
+        lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
+        if self.unshared:
+            lines.append(f"  {len(self.unshared)} tensors shared storage in the source but are "
+                         f"written as separate copies: {', '.join(self.unshared[:4])}")
+        return "\n".join(lines)
+
 
 def parse_size(size: int | str | None) -> int | None:
     """'2GB' -> 2_000_000_000, '500MiB' -> 524_288_000, 1024 -> 1024 (GB = 10**9, as HF does)."""

@@ -72,6 +72,23 @@ class Summary:
         from dataclasses import asdict
         return asdict(self)
 
+    def __str__(self) -> str:
+        kind = f" ({self.kind})" if self.kind else ""
+        lines = [f"{self.path}: {self.format}{kind}, {self.n_tensors:,} tensors, "
+                 f"{self.n_elements:,} elements, {self.nbytes:,} bytes"]
+        if self.wrapper is not None:
+            where = repr(self.wrapper) if self.wrapper else "the top level"
+            pre = f", prefixes stripped: {', '.join(self.prefixes)}" if self.prefixes else ""
+            lines.append(f"  model weights: {where}{pre}")
+        else:
+            lines.append("  model weights: none found")
+        if self.dtypes:
+            lines.append("  dtypes: " + ", ".join(f"{k} {v:,}" for k, v in self.dtypes.items()))
+        if self.classes:
+            lines.append(f"  classes not imported: {', '.join(self.classes)}")
+        lines += [f"  {n}" for n in self.notes]
+        return "\n".join(lines)
+
 
 def _children(obj: Any) -> Any:
     return module_children(obj) if isinstance(obj, Opaque) else None

@@ -172,7 +172,7 @@ class _Encoder:
         if not self.allow_pickle:
             raise StateError(f"cannot store {what} as typed JSON", entry=path or "<root>",
                              hint="store plain numbers, strings, lists, dicts and tensors, "
-                                  "or pass allow_pickle=True to pickle it")
+                                  "or pass trust=True to TrainState to pickle it")
         try:
             data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as e:  # pickle raises many types (PicklingError, AttributeError, TypeError)
@@ -200,7 +200,7 @@ def decode(tree: Any, tensor: Callable[[str, Mapping[str, Any]], Any], *,
     """
     def unpickle_refused(value: PickledValue, p: str) -> Any:
         raise StateError(f"holds a pickled {value.type_name}", entry=p or "<root>",
-                         hint="pass allow_pickle=True to unpickle it (runs code from the checkpoint)")
+                         hint="pass trust=True to unpickle it (runs code from the checkpoint)")
 
     return _decode(tree, tensor, pickled or unpickle_refused, path)
 

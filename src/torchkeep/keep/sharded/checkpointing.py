@@ -431,7 +431,7 @@ class ShardedCheckpointing:
         def pickled(value: serial.PickledValue, path: str) -> Any:
             if not state.allow_pickle:
                 raise StateError(f"holds a pickled {value.type_name}", entry=path,
-                                 hint="create the TrainState with allow_pickle=True to unpickle it")
+                                 hint="create the TrainState with trust=True to unpickle it")
             return value.load()
 
         tree = serial.decode(manifest.get("state"), tensor, pickled=pickled)

@@ -19,7 +19,7 @@ else in typed JSON, a manifest with a checksum per tensor, and a commit record w
                                          refers to (read only when the first fails; see
                                          torchkeep.store.copies)
 
-Nothing is pickled unless the state was saved with ``allow_pickle=True``; such values are read
+Nothing is pickled unless the state was saved with ``TrainState(trust=True)``; such values are read
 with the restricted unpickler (placeholders, no imports) unless the reader is trusted.
 
 Opening a manager's root folder (rather than one ``step-*`` folder) opens its newest committed
