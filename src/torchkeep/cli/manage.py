@@ -78,8 +78,8 @@ def _best(mgr, infos, monitor: str | None, mode: str | None) -> tuple[int | None
         rec = native.read_commit(mgr.storage, good[-1].path) or {}
         recorded = rec.get("monitor") if isinstance(rec.get("monitor"), dict) else {}
         monitor, mode = recorded.get("metric"), mode or recorded.get("mode")
-    if not monitor:
-        return None, "no best marked: the manager had no monitor= (--monitor METRIC names one)"
+    if not monitor:  # the manager ranked nothing: no best to mark (--monitor names a metric)
+        return None, None
     ranked = ranked_best(good, monitor, mode or "min")
     if not ranked:
         return None, f"no best marked: no checkpoint has a numeric {monitor!r} metric"
