@@ -286,4 +286,4 @@ def test_cli_convert(tmp_path, cli):
     sd = load_file(tmp_path / "out.safetensors")
     assert set(sd) == {"net.head.weight", "net.head.bias"} and sd["net.head.weight"].dtype == torch.float16
     r = cli("convert", str(tmp_path / "ck.pt"), str(tmp_path / "out.safetensors"))
-    assert r.returncode == 2 and "destination exists" in r.stderr and "--overwrite" in r.stderr
+    assert r.returncode == 2 and "exists" in r.stderr and "--force" in r.stderr

@@ -118,7 +118,7 @@ def test_cli(pair, cli):
     assert "only in A (1):" in out and "1.running_var" in out and "only in B (1):" in out
     assert "2.bias  [4] → [7]" in out
     assert "0.weight" in out and "more changed tensors" in out
-    assert "different: 7 common tensors, 3 changed, 4 unchanged, 1 dtype changes" in out
+    assert "different (whole state): 7 common tensors, 3 changed, 4 unchanged, 1 dtype changes" in out
     r = cli("diff", str(pa), str(pa), "--json")
     assert r.returncode == 0
     doc = json.loads(r.stdout)

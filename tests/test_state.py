@@ -141,7 +141,7 @@ def test_lambda_lr_refused_with_path_unless_pickle_allowed():
     back = through_json(st.capture(), allow_pickle=True)
     opt_b = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
     sched_b = torch.optim.lr_scheduler.LambdaLR(opt_b, lambda s: 1.0)
-    TrainState(optimizer=opt_b, scheduler=sched_b, allow_pickle=True).restore(back, strict=False)
+    TrainState(optimizer=opt_b, scheduler=sched_b, trust=True).restore(back, strict=False)
     assert sched_b.lr_lambdas[0] is module_level_schedule
     assert sched_b.last_epoch == 3 and sched_b.get_last_lr() == sched2.get_last_lr()
 

@@ -15,7 +15,8 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                           TimeElapsedColumn)
 from rich.table import Table
 
 from torchkeep.cli._render import console, human_bytes, human_count
@@ -227,6 +228,8 @@ def _bars(enabled: bool, names: dict[str, str], total: int) -> Iterator[_Bars]:
     if not enabled:
         yield _Bars(None, {})
         return
-    with Progress(TextColumn("   {task.description:<24}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console(stderr=True), transient=True) as p:
+    # The spinner and the clock move from the first moment, while the first step is prepared.
+    with Progress(SpinnerColumn(), TextColumn("{task.description:<24}"), BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), console=console(stderr=True),
+                  transient=True, refresh_per_second=10) as p:
         yield _Bars(p, {phase: p.add_task(label, total=total) for phase, label in names.items()})

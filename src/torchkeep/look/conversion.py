@@ -386,7 +386,10 @@ def convert(src: Any, dst: str | os.PathLike, *, strip_prefix: str | None = None
     if fmt not in ("safetensors", "torch"):
         raise ValueError(f"unknown output format {fmt!r} (safetensors or torch)")
     if os.path.exists(dst) and not overwrite:
-        raise FileExistsError(17, "destination exists (pass overwrite=True / --overwrite to replace it)", dst)
+        raise FileExistsError(17, "destination exists (pass overwrite=True, CLI --force, to replace it)", dst)
+    parent = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(2, f"its folder {parent} does not exist (create it first)", dst)
     if limit is None and os.path.isdir(dst):
         raise ValueError(f"{dst}: is a folder; give a file name, or --max-shard-size for a sharded folder")
     desc, flat, closer, wrapper, prefixes = _source(src, trust)
