@@ -42,7 +42,7 @@ class Net(torch.nn.Module):
 
 
 def _lenet_checkpoint(path, epoch, loss, seed):
-    from torchkeep.zoo import LeNet5
+    from torchkeep.demo.models import LeNet5
 
     torch.manual_seed(seed)
     m = LeNet5()
@@ -265,7 +265,6 @@ def test_strict_json_helper():
 
 def test_report_objects_print_readably(ws):
     import torchkeep
-    from torchkeep.convert import convert
 
     with torchkeep.open(ws / "model.pt") as ck:
         assert str(ck.summary).startswith(f"{ck.path}: torch-zip")

@@ -456,7 +456,7 @@ class CheckpointManager(FlushOnExit):
         """(step, state tree with tensors) of a checkpoint, verified; falls back to older good
         checkpoints like :meth:`restore`. None when there is none. ``trust`` unpickles values
         saved with ``TrainState(trust=True)`` (``allow_pickle`` is its deprecated alias)."""
-        from .state import pickle_opt_in
+        from torchkeep.keep.trainstate import pickle_opt_in
 
         got = self._load(which, pickle_opt_in(trust, allow_pickle, "CheckpointManager.load"), verify)
         return None if got is None else (got[0].step, got[1])
