@@ -15,7 +15,7 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from torchkeep.textable import aligned
+from torchkeep.look.textable import aligned
 
 # Wide enough that a piped line is never wrapped; soft_wrap keeps rich from padding it.
 _PIPED_WIDTH = 100_000
@@ -31,7 +31,7 @@ def console(stderr: bool = False) -> Console:
 
 def show_table(out: Console, header: Sequence[str], rows: Iterable[Sequence[str]], *,
                right: Iterable[int] = (), title: str | None = None) -> None:
-    """Print a table: a rich table on a terminal, :func:`torchkeep.textable.aligned` text when
+    """Print a table: a rich table on a terminal, :func:`torchkeep.look.textable.aligned` text when
     piped. Cells may hold rich markup (``[green]ok[/]``); it is dropped when piped."""
     rows = [list(r) for r in rows]
     right = set(right)

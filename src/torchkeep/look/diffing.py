@@ -114,7 +114,7 @@ class DiffReport:
     def format(self, limit: int | None = 20) -> str:
         """Plain text: names on one side only, shape changes, the ``limit`` most changed tensors
         (None: all) in an aligned table, differing values, and the headline."""
-        from torchkeep.textable import aligned
+        from torchkeep.look.textable import aligned
 
         lines = [f"A {self.a}", f"B {self.b}"]
         for title, side in (("only in A", self.only_a), ("only in B", self.only_b)):
