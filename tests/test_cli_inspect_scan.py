@@ -23,7 +23,7 @@ def test_inspect_table(tmp_path):
     assert "torch-zip" in out and "safe" in out
     assert "model weights: 'model_state_dict'" in out and "prefixes stripped: module." in out
     # Rows show the names with the announced prefix stripped.
-    assert "module.conv" not in out and " conv " in out and " fc " in out
+    assert "module.conv" not in out and "\nconv " in out and "\nfc " in out  # plain rows when piped
     # 779 elements = 770 parameters + BatchNorm's running stats (8) and counter (1).
     assert "model: 770 parameters" in out and "buffers: 3 tensors, 9 elements" in out
     assert "in the file: 9 tensors · 779 elements" in out

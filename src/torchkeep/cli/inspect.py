@@ -237,7 +237,7 @@ def _render_training(out: Any, c: Any) -> None:
         if len(o.state) > MAX_OPT_ROWS:
             out.print(f"  … {len(o.state) - MAX_OPT_ROWS} more parameters")
         for i, g in enumerate(o.groups):
-            out.print(f"  group {i}: " + fit(", ".join(f"{k}={v}" for k, v in g.items()), 150),
+            out.print(f"  group {i}: " + fit(", ".join(f"{k}={v}" for k, v in g.items()), 148),
                       markup=False)
     for path, sch in c.scheduler.items():
         out.print(f"[bold]scheduler[/] '{escape(path)}': " +
