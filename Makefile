@@ -28,9 +28,12 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # The API reference, generated from the docstrings by pdoc into docs/api/ (not committed).
+# The subpackages are named: the top level's __all__ lists only the verbs, and pdoc follows it.
+DOC_MODULES := torchkeep torchkeep.read torchkeep.store torchkeep.keep torchkeep.carry \
+               torchkeep.shape torchkeep.look torchkeep.integrations torchkeep.errors
 docs: $(STAMP)
 	rm -rf docs/api
-	$(PY) -m pdoc --docformat restructuredtext -o docs/api torchkeep
+	$(PY) -m pdoc --docformat restructuredtext -o docs/api $(DOC_MODULES)
 	@echo "open docs/api/index.html"
 
 demo: $(STAMP)
