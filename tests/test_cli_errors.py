@@ -268,7 +268,7 @@ def test_report_objects_print_readably(ws):
 
     with torchkeep.open(ws / "model.pt") as ck:
         assert str(ck.summary).startswith(f"{ck.path}: torch-zip")
-    assert str(torchkeep.scan(ws / "model.pt")).startswith("safe")
+    assert str(torchkeep.scan(str(ws / "model.pt"))).startswith("safe")
     rep = torchkeep.diff(ws / "model.pt", ws / "model2.pt")
     assert "different (whole state)" in str(rep) and "epoch: 5 → 6" in str(rep)
     assert "Report(" not in str(rep)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from torchkeep.cli._render import console, print_json
 from torchkeep.errors import TorchkeepError
@@ -27,6 +28,9 @@ def run(args: argparse.Namespace) -> int:
     reports = []
     for path in args.paths:
         try:
+            if os.path.isdir(path) and not any(files for _, _, files in os.walk(path)):
+                raise TorchkeepError(f"{path}: an empty folder, nothing to scan",
+                                     hint="give a checkpoint file or a folder that holds one")
             rep = scan(path)
         except (TorchkeepError, OSError) as e:
             msg = str(e) if isinstance(e, TorchkeepError) else f"{path}: {e.strerror or e}"

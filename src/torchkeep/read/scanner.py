@@ -81,22 +81,6 @@ class ScanReport:
         lines += [f"  damaged: {e}" for e in self.errors]
         return "\n".join(lines)
 
-    @property
-    def verdict(self) -> str:
-        """'safe', 'unsafe', 'damaged' or 'unknown' (what ``torchkeep scan`` prints first)."""
-        return ("safe" if self.safe else "unsafe" if self.unsafe else
-                "damaged" if self.errors else "unknown")
-
-    def __str__(self) -> str:
-        n = len(self.globals)
-        if self.safe:
-            return f"safe     {self.path}  ({self.format}, {n} globals, all allowlisted)"
-        lines = [f"{self.verdict.upper() if self.verdict != 'unknown' else 'unknown'}   {self.path}  ({self.format})"]
-        lines += [f"    unsafe   {g.qualname}   in {g.member}" for g in self.unsafe]
-        lines += [f"    unknown  {g.qualname}   in {g.member}" for g in self.unknown]
-        lines += [f"    error    {e}" for e in self.errors]
-        return "\n".join(lines)
-
 
 # --- walking the pickles of one blob ----------------------------------------------------------
 
