@@ -13,7 +13,7 @@ SRC = pathlib.Path(torchkeep.__file__).parent
 
 # Lowest first. A module may import its own layer and the layers below it, never above.
 LAYERS = [
-    {"errors", "version"},
+    {"errors", "version", "limits"},
     {"store"},
     {"read"},
     {"carry", "shape"},

@@ -36,7 +36,7 @@ class FormatError(TorchkeepError):
 
 
 class LimitExceededError(FormatError):
-    """The input is larger or deeper than a safety limit allows (see ``torchkeep.read.limits``)."""
+    """The input is larger or deeper than a safety limit allows (see ``torchkeep.limits``)."""
 
 
 class CorruptCheckpointError(TorchkeepError):

@@ -24,8 +24,9 @@ import time
 import warnings
 from typing import Any, Iterable, Mapping
 
-from torchkeep.errors import CorruptCheckpointError
+from torchkeep.errors import CorruptCheckpointError, LimitExceededError
 from torchkeep.keep.retention import CheckpointInfo
+from torchkeep.limits import loads_json
 from torchkeep.store.checksums import sha256_file
 from torchkeep.store.files import atomic_write, fsync_dir, fsync_file, is_tmp
 
@@ -117,8 +118,8 @@ def _read_json(path: str, what: str) -> tuple[dict[str, Any], bytes]:
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{what} is missing", path=path) from None
     try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        obj = loads_json(data, path=path, what="the seal record")
+    except (UnicodeDecodeError, json.JSONDecodeError, LimitExceededError) as e:
         raise CorruptCheckpointError(f"{what} is not valid JSON: {e}", path=path) from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CorruptCheckpointError(f"{what} is not a torchkeep seal", path=path)

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from torchkeep.read import limits as _limits
+from torchkeep import limits as _limits
 from torchkeep.read.formats.base import TensorRef, ref_of
 from torchkeep.read.pickles import PickleError
 from torchkeep.read.placeholders import Opaque, StorageRef, StorageType, _placeholder

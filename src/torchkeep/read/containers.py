@@ -4,7 +4,7 @@ object arrays, tar-era torch files, legacy torch streams, 7z archives (with py7z
 
 Each pickle comes back as a :class:`Blob` (its bytes and a member name) together with notes on
 anything odd about the container (duplicate names, headers that disagree, flag bits, bad CRCs).
-Decompression is bounded by :mod:`torchkeep.read.limits`.
+Decompression is bounded by :mod:`torchkeep.limits`.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from torchkeep.read import limits as _limits
+from torchkeep import limits as _limits
 from torchkeep.errors import CorruptCheckpointError, FormatError
 
 ZIP_MAGIC = b"PK\x03\x04"

@@ -12,7 +12,7 @@ be loaded:
 - **build** (``resolve`` given): globals are resolved by the caller (the allowlist in
   ``unpickler.py``); the only calls made are to what ``resolve`` returned.
 
-Work is bounded by :mod:`torchkeep.read.limits` (pickle bytes, opcodes, memo, container sizes).
+Work is bounded by :mod:`torchkeep.limits` (pickle bytes, opcodes, memo, container sizes).
 A pickle that breaks after some opcodes still reports every global seen before the break.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from torchkeep.errors import LimitExceededError
-from torchkeep.read import limits as _limits
+from torchkeep import limits as _limits
 from torchkeep.read.pickleops import (ANY, CALL_OF_COMPUTED, GLOBAL, PROTO_BYTE, TABLE,  # noqa: F401
                                       PickleError, _stop)
 

@@ -182,7 +182,7 @@ def _torch_view(path: str, found: C.Found) -> None:
     """The data.pkl torch's own reader returns, when it differs from every member scanned."""
     import torch
 
-    from torchkeep.read import limits as _limits
+    from torchkeep import limits as _limits
 
     try:
         reader = torch._C.PyTorchFileReader(path)
@@ -348,7 +348,7 @@ def scan(path: str | os.PathLike) -> ScanReport:
 
     Covers every pickle a file holds whatever its name or container, and every such file in a
     folder; formats without pickle (safetensors) are trivially safe. Never imports or executes
-    anything from the file. Input over a limit (``torchkeep.read.limits``) raises LimitExceededError
+    anything from the file. Input over a limit (``torchkeep.limits``) raises LimitExceededError
     unless an unsafe global was already found (then the report says unsafe and names the limit).
     """
     path = os.fspath(path)

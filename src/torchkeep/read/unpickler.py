@@ -16,7 +16,7 @@ import collections
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from torchkeep.read import limits as _limits
+from torchkeep import limits as _limits
 from torchkeep.read.allowlist import ALLOWED as _ALLOWED, SAFE_DATA as _SAFE_DATA, SETTABLE as _SETTABLE
 from torchkeep.read.allowlist import SAFE_UNSUPPORTED as _SAFE_UNSUPPORTED, Builder
 from torchkeep.errors import CorruptCheckpointError

@@ -24,7 +24,8 @@ from typing import Any, Mapping
 
 import xxhash
 
-from torchkeep.errors import CorruptCheckpointError
+from torchkeep.errors import CorruptCheckpointError, LimitExceededError
+from torchkeep.limits import loads_json
 from torchkeep.store.backends import Storage
 from torchkeep.store.layout import COMMIT, FORMAT, VERSION
 
@@ -49,8 +50,8 @@ def unseal(data: bytes, path: str) -> tuple[dict[str, Any], bool]:
     """(record, sealed) of a commit record's bytes; raises CorruptCheckpointError when the bytes
     are not a record or do not match their seal."""
     try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        obj = loads_json(data, path=path, what="the commit record")
+    except (UnicodeDecodeError, json.JSONDecodeError, LimitExceededError) as e:
         raise CorruptCheckpointError(f"commit record is not valid JSON: {e}", path=path,
                                      hint="damaged or partially written") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:

@@ -11,7 +11,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from torchkeep.errors import CorruptCheckpointError, StateError
+from torchkeep.errors import CorruptCheckpointError, LimitExceededError, StateError
+from torchkeep.limits import loads_json
 from torchkeep.store import typedjson as serial
 from torchkeep.store.files import is_tmp
 
@@ -89,8 +90,9 @@ def read_st_header(f, path: str) -> tuple[dict[str, Any], int]:
         raise CorruptCheckpointError(f"safetensors header claims {n} bytes", path=path,
                                      hint="not a safetensors file, or damaged")
     try:
-        header = json.loads(_read_exact(f, n, path, "safetensors header"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = loads_json(_read_exact(f, n, path, "safetensors header"), path=path,
+                            what="the safetensors header")
+    except (UnicodeDecodeError, json.JSONDecodeError, LimitExceededError) as e:
         raise CorruptCheckpointError(f"safetensors header is not JSON: {e}", path=path) from None
     if not isinstance(header, dict):
         raise CorruptCheckpointError("safetensors header is not an object", path=path)

@@ -4,26 +4,20 @@ folder reader. The tree has one entry per component; the model weights are all o
 ``component.tensor`` (the scheduler and tokenizer folders hold configuration only)."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
 
 from torchkeep.errors import FormatError
 from torchkeep.read.formats.composite import CompositeReader, module_tree
+from torchkeep.limits import read_json_file
 
 log = logging.getLogger(__name__)
 
 
 def _index(path: str) -> dict[str, Any] | None:
-    f = os.path.join(path, "model_index.json")
-    if not os.path.isfile(f) or os.path.getsize(f) > 1 << 20:
-        return None
-    try:
-        with open(f, encoding="utf-8") as fh:
-            doc = json.load(fh)
-    except (OSError, ValueError):
-        return None
+    doc = read_json_file(os.path.join(path, "model_index.json"), max_bytes=1 << 20,
+                         what="model_index.json")
     return doc if isinstance(doc, dict) and "_class_name" in doc else None
 
 

@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 import torch
 
-from torchkeep.read import limits as _limits
 from torchkeep.errors import CorruptCheckpointError, FormatError
+from torchkeep import limits as _limits
 from torchkeep.read.formats.base import Reader, TensorRef
 
 log = logging.getLogger(__name__)
@@ -165,8 +165,8 @@ class ShardedReader(Reader):
             tree = single.read_tree()
             self.metadata = {"file": os.path.basename(single.path), **single.metadata}
             return tree
-        from torchkeep.read.unpickler import Opaque
         from torchkeep.read.tree import walk
+        from torchkeep.read.unpickler import Opaque
 
         wm = self._index()
         by_shard: dict[str, list[str]] = {}

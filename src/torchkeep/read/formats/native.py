@@ -43,10 +43,11 @@ from typing import Any, Container, Iterable, Mapping, Sequence
 
 import torch
 
-from torchkeep.errors import CorruptCheckpointError, FormatError
+from torchkeep.errors import CorruptCheckpointError, FormatError, LimitExceededError
 from torchkeep.read.formats.base import Reader, TensorRef
 from torchkeep.read.formats.nativeblobs import (READ_CHUNK, blob_problem, mismatch, read_blob,
                                                 unreadable)
+from torchkeep.limits import loads_json
 from torchkeep.store import typedjson as serial
 from torchkeep.store.backends import Storage, storage_for
 from torchkeep.store.checksums import algo_of, entry_token, file_name_digest, tensor_bytes, token_of
@@ -66,7 +67,9 @@ def read_json(storage: Storage, path: str, what: str) -> dict[str, Any]:
     except OSError as e:
         raise unreadable(e, path) from None
     try:
-        obj = json.loads(data)
+        obj = loads_json(data, path=path, what=what)
+    except LimitExceededError as e:  # over a bound: not ours as written, so damaged (fallback)
+        raise CorruptCheckpointError(e.detail, path=path, hint=e.hint) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptCheckpointError(f"{what} is not valid JSON: {e}", path=path,
                                      hint="damaged or partially written") from None
@@ -96,7 +99,9 @@ def read_manifest(storage: Storage, folder: str, commit_record: Mapping[str, Any
         raise CorruptCheckpointError(f"manifest sha256 is {got[:12]}…, the commit record says "
                                      f"{str(want)[:12]}…", path=path, hint="damaged on disk?")
     try:
-        return json.loads(data)
+        return loads_json(data, path=path, what="manifest.json")
+    except LimitExceededError as e:
+        raise CorruptCheckpointError(e.detail, path=path, hint=e.hint) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:  # pragma: no cover - sha256 matched
         raise CorruptCheckpointError(f"manifest is not valid JSON: {e}", path=path) from None
 
@@ -432,10 +437,8 @@ __all__ = [
 def manifest_blob_refs(storage: Any, folder: str) -> dict[str, str] | None:
     """Blob references of a folder's manifest, read even if its commit record is damaged (so that
     garbage collection never deletes what it refers to); None if the manifest is unreadable."""
-    import json
-
     try:
         data = storage.read_bytes(storage.join(folder, MANIFEST))
-        return blob_refs(json.loads(data))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return blob_refs(loads_json(data, path=folder, what="manifest.json"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, LimitExceededError):
         return None

@@ -17,7 +17,7 @@ import torch
 from torchkeep.errors import CorruptCheckpointError
 from torchkeep.store import typedjson as serial
 from torchkeep.store.backends import Storage
-from torchkeep.store.checksums import Hasher, algo_of, entry_token, token_of, tensor_bytes
+from torchkeep.store.checksums import Hasher, algo_of, entry_token, tensor_bytes, token_of
 from torchkeep.store.layout import BLOB_DIR, COPY_DIR, _check_entry, read_st_header
 
 log = logging.getLogger(__name__)

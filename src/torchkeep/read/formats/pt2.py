@@ -10,7 +10,6 @@ model weights are ``weights``, as ``torch.export.load(f).state_dict`` has them.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import struct
@@ -21,6 +20,7 @@ import torch
 
 from torchkeep.errors import CorruptCheckpointError, FormatError
 from torchkeep.read.formats.base import Reader, TensorRef
+from torchkeep.limits import loads_json
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class Pt2Reader(Reader):
             if n.startswith(folder) and n.endswith(f"_{kind}_config.json"):
                 model = n[len(folder): -len(f"_{kind}_config.json")]
                 try:
-                    doc = json.loads(zf.read(n))
+                    doc = loads_json(zf.read(n), path=self.path, what=n)
                 except ValueError as e:
                     raise CorruptCheckpointError(f"{n} is not valid JSON ({e})", path=self.path) from None
                 out[model] = doc.get("config") or {}

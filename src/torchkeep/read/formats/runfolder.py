@@ -9,7 +9,6 @@ object needs transformers' code). A DeepSpeed ``global_stepN`` inside is read as
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -17,6 +16,7 @@ from typing import Any
 
 from torchkeep.errors import TorchkeepError
 from torchkeep.read.formats.composite import CompositeReader, module_tree
+from torchkeep.limits import loads_json
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,9 @@ class TrainingFolderReader(CompositeReader):
         if rng:
             tree["rng"] = rng
         if "trainer_state.json" in names:
-            with open(os.path.join(self.folder, "trainer_state.json"), encoding="utf-8") as f:
-                tree["trainer_state"] = json.load(f)
+            path = os.path.join(self.folder, "trainer_state.json")
+            with open(path, "rb") as f:
+                tree["trainer_state"] = loads_json(f.read(), path=path, what="trainer_state.json")
         if step_folder(self.folder) is not None:
             ds = DeepSpeedReader(self.folder, trust=self.trust)
             self._parts[self.folder + "#deepspeed"] = ds

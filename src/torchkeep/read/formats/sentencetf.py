@@ -6,13 +6,13 @@ module's name, then the attribute under which the module keeps what it saved (``
 the folder, as its class path in modules.json tells)."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
 
 from torchkeep.errors import FormatError
 from torchkeep.read.formats.composite import CompositeReader, module_tree
+from torchkeep.limits import read_json_file
 from torchkeep.read.tree import join, walk
 
 log = logging.getLogger(__name__)
@@ -29,14 +29,7 @@ DIRECT = ("Dense", "LayerNorm", "WordEmbeddings", "LSTM", "CNN", "WeightedLayerP
 
 
 def _modules(path: str) -> list[dict[str, Any]] | None:
-    f = os.path.join(path, "modules.json")
-    if not os.path.isfile(f) or os.path.getsize(f) > 1 << 20:
-        return None
-    try:
-        with open(f, encoding="utf-8") as fh:
-            doc = json.load(fh)
-    except (OSError, ValueError):
-        return None
+    doc = read_json_file(os.path.join(path, "modules.json"), max_bytes=1 << 20, what="modules.json")
     if isinstance(doc, list) and doc and all(isinstance(m, dict) and "path" in m for m in doc):
         return doc
     return None

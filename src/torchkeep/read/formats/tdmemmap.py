@@ -3,7 +3,6 @@
 with their own ``meta.json``. Read lazily like ``TensorDict.load_memmap``, without tensordict."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Sequence
@@ -12,19 +11,13 @@ import torch
 
 from torchkeep.errors import CorruptCheckpointError, FormatError
 from torchkeep.read.formats.base import Reader, TensorRef
+from torchkeep.limits import read_json_file
 
 log = logging.getLogger(__name__)
 
 
 def _meta(folder: str) -> dict[str, Any] | None:
-    f = os.path.join(folder, "meta.json")
-    if not os.path.isfile(f) or os.path.getsize(f) > 16 << 20:
-        return None
-    try:
-        with open(f, encoding="utf-8") as fh:
-            doc = json.load(fh)
-    except (OSError, ValueError):
-        return None
+    doc = read_json_file(os.path.join(folder, "meta.json"), max_bytes=16 << 20, what="meta.json")
     return doc if isinstance(doc, dict) and "_type" in doc else None
 
 

@@ -16,9 +16,9 @@ from typing import Any, Sequence
 import torch
 
 from torchkeep.errors import CorruptCheckpointError, FormatError
-from torchkeep.read.unpickler import GlobalRef, StorageRef, restricted_walk, storage_from_pid
 from torchkeep.read.formats.base import Reader, TensorRef
 from torchkeep.read.formats.torchzip import materialize, pread_into
+from torchkeep.read.unpickler import GlobalRef, StorageRef, restricted_walk, storage_from_pid
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001

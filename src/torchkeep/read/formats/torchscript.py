@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from torchkeep.read.tree import join, walk
 from torchkeep.read.formats.base import TensorRef
+from torchkeep.read.tree import join, walk
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,12 @@ from typing import Any, Sequence
 
 import torch
 
-from torchkeep.read import limits as _limits
 from torchkeep.errors import CorruptCheckpointError, FormatError
-from torchkeep.read.unpickler import GlobalRef, StorageRef, restricted_load_with_globals, storage_from_pid
+from torchkeep import limits as _limits
 from torchkeep.read.formats.base import Reader, TensorRef
 from torchkeep.read.formats.base import contiguous_stride as _contiguous_stride
+from torchkeep.read.unpickler import (GlobalRef, StorageRef, restricted_load_with_globals,
+                                      storage_from_pid)
 
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 _LOCAL_SIG = b"PK\x03\x04"

@@ -8,9 +8,11 @@ the limit and the variable.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, fields
+from typing import Any
 
 from torchkeep.errors import LimitExceededError
 
@@ -77,7 +79,28 @@ def check_json(text: str | bytes, *, path: str | None = None, what: str = "JSON"
             depth -= 1
 
 
+def loads_json(text: str | bytes, *, path: str | None = None, what: str = "JSON") -> Any:
+    """``json.loads`` of file content, with the depth refused first (``json.loads`` recurses, so
+    deep nesting would otherwise end in a RecursionError)."""
+    check_json(text, path=path, what=what)
+    return json.loads(text)
+
+
+def read_json_file(path: str, *, max_bytes: int, what: str) -> Any | None:
+    """The document of a small JSON file a format is recognised by; None when the file is
+    absent, larger than ``max_bytes`` or not JSON (then it is not that format). Nesting over the
+    limit raises :class:`LimitExceededError`: a clear refusal, not a wrong guess."""
+    try:
+        if not os.path.isfile(path) or os.path.getsize(path) > max_bytes:
+            return None
+        with open(path, "rb") as fh:
+            raw = fh.read(max_bytes + 1)
+        return loads_json(raw, path=path, what=what)
+    except (OSError, ValueError):
+        return None
+
+
 _JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
 
-__all__ = ["Limits", "current", "exceeded", "check_json"]
+__all__ = ["Limits", "current", "exceeded", "check_json", "loads_json", "read_json_file"]
