@@ -17,7 +17,7 @@ import torch
 from torchkeep.errors import FormatError, UnsafeCheckpointError, closest
 from torchkeep.read import keys, tree
 from torchkeep.read.formats import detect, reader_class
-from torchkeep.read.formats.base import Reader, TensorRef
+from torchkeep.read.formats.base import Reader, TensorRef, load_grouped
 from torchkeep.read.unpickler import Opaque, module_children
 
 log = logging.getLogger(__name__)
@@ -390,20 +390,7 @@ def _placeholder_classes(obj: Any) -> list[str]:
 
 def _load_refs(refs: Mapping[str, TensorRef], device, mmap: bool = False) -> dict[str, torch.Tensor]:
     """Read refs grouped by reader, so each reader can keep shared storages shared."""
-    by_reader: dict[int, tuple[Reader, list[str]]] = {}
-    for name, ref in refs.items():
-        by_reader.setdefault(id(ref.reader), (ref.reader, []))[1].append(name)
-    out: dict[str, torch.Tensor] = {}
-    for reader, names in by_reader.values():
-        kw = {"mmap": True} if mmap else {}
-        try:
-            tensors = reader.load([refs[n] for n in names], device, **kw)
-        except TypeError:
-            if not kw:
-                raise
-            tensors = reader.load([refs[n] for n in names], device)  # reader cannot map
-        out.update(zip(names, tensors))
-    return {n: out[n] for n in refs}
+    return dict(zip(refs, load_grouped(list(refs.values()), device, mmap=mmap)))
 
 
 def open(path: str | os.PathLike, *, format: str | None = None, trust: bool = False) -> Checkpoint:

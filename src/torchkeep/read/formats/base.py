@@ -8,6 +8,8 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
+from torchkeep.errors import FormatError
+
 
 @dataclass(eq=False)
 class TensorRef:
@@ -119,6 +121,32 @@ class MemoryReader(Reader):
 
 
 MEMORY = MemoryReader()
+
+
+def load_grouped(refs: Sequence[TensorRef], device: str | torch.device = "cpu", *,
+                 mmap: bool = False, owner: "Reader | None" = None) -> list[torch.Tensor]:
+    """Read ``refs`` from the readers that own them, one call per reader (so each keeps shared
+    storages shared), in the order given. ``mmap=True`` goes to readers that can map; the others
+    copy, which is slower but the same tensors. ``owner``: a reader that delegates to parts and
+    so must own none of the refs itself."""
+    groups: dict[int, tuple[Reader, list[int]]] = {}
+    for i, r in enumerate(refs):
+        groups.setdefault(id(r.reader), (r.reader, []))[1].append(i)
+    out: list[Any] = [None] * len(refs)
+    for reader, idx in groups.values():
+        if owner is not None and reader is owner:
+            raise FormatError(f"a {owner.format} reader reads through its parts and holds no "
+                              "tensors itself", path=owner.path)
+        part = [refs[i] for i in idx]
+        try:
+            got = reader.load(part, device, mmap=True) if mmap else reader.load(part, device)
+        except TypeError:
+            if not mmap:
+                raise
+            got = reader.load(part, device)  # this reader cannot map: it copies
+        for i, t in zip(idx, got):
+            out[i] = t
+    return out
 
 
 def ref_of(tensor: torch.Tensor) -> TensorRef:

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
-from torchkeep.read.formats.base import Reader, TensorRef
+from torchkeep.read.formats.base import Reader, TensorRef, load_grouped
 
 log = logging.getLogger(__name__)
 
@@ -40,22 +40,9 @@ class CompositeReader(Reader):
             self._parts[path] = r
         return r
 
-    def load(self, refs: Sequence[TensorRef], device: str | torch.device = "cpu",
-             **kw: Any) -> list[torch.Tensor]:
-        groups: dict[int, tuple[Reader, list[int]]] = {}
-        for i, r in enumerate(refs):
-            groups.setdefault(id(r.reader), (r.reader, []))[1].append(i)
-        out: list[Any] = [None] * len(refs)
-        for reader, idx in groups.values():
-            try:
-                got = reader.load([refs[i] for i in idx], device, **kw)
-            except TypeError:
-                if not kw:
-                    raise
-                got = reader.load([refs[i] for i in idx], device)
-            for i, t in zip(idx, got):
-                out[i] = t
-        return out
+    def load(self, refs: Sequence[TensorRef], device: str | torch.device = "cpu", *,
+             mmap: bool = False) -> list[torch.Tensor]:
+        return load_grouped(refs, device, mmap=mmap)
 
     def globals(self) -> list:
         self.read_tree()

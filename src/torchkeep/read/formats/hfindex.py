@@ -14,9 +14,9 @@ from typing import Any, Sequence
 
 import torch
 
-from torchkeep.errors import CorruptCheckpointError, FormatError
 from torchkeep import limits as _limits
-from torchkeep.read.formats.base import Reader, TensorRef
+from torchkeep.errors import CorruptCheckpointError, FormatError
+from torchkeep.read.formats.base import Reader, TensorRef, load_grouped
 
 log = logging.getLogger(__name__)
 
@@ -204,26 +204,11 @@ class ShardedReader(Reader):
         self.metadata.setdefault("shard_format", ",".join(sorted(formats)))
         return out
 
-    def load(self, refs: Sequence[TensorRef], device: str | torch.device = "cpu",
-             **kw: Any) -> list[torch.Tensor]:
+    def load(self, refs: Sequence[TensorRef], device: str | torch.device = "cpu", *,
+             mmap: bool = False) -> list[torch.Tensor]:
         """Read refs from the shard readers that own them (shared storages stay shared);
         ``mmap=True`` is passed to shard readers that can map."""
-        groups: dict[int, tuple[Reader, list[int]]] = {}
-        for i, r in enumerate(refs):
-            groups.setdefault(id(r.reader), (r.reader, []))[1].append(i)
-        out: list[Any] = [None] * len(refs)
-        for reader, idx in groups.values():
-            if reader is self:
-                raise FormatError("a sharded reader does not own tensors itself", path=self.path)
-            try:
-                got = reader.load([refs[i] for i in idx], device, **kw)
-            except TypeError:
-                if not kw:
-                    raise
-                got = reader.load([refs[i] for i in idx], device)
-            for i, t in zip(idx, got):
-                out[i] = t
-        return out
+        return load_grouped(refs, device, mmap=mmap, owner=self)
 
     def globals(self) -> list:
         if self.index_path is None:

@@ -44,10 +44,10 @@ from typing import Any, Container, Iterable, Mapping, Sequence
 import torch
 
 from torchkeep.errors import CorruptCheckpointError, FormatError, LimitExceededError
+from torchkeep.limits import loads_json
 from torchkeep.read.formats.base import Reader, TensorRef
 from torchkeep.read.formats.nativeblobs import (READ_CHUNK, blob_problem, mismatch, read_blob,
                                                 unreadable)
-from torchkeep.limits import loads_json
 from torchkeep.store import typedjson as serial
 from torchkeep.store.backends import Storage, storage_for
 from torchkeep.store.checksums import algo_of, entry_token, file_name_digest, tensor_bytes, token_of

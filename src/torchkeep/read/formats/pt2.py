@@ -19,8 +19,8 @@ from typing import Any, Sequence
 import torch
 
 from torchkeep.errors import CorruptCheckpointError, FormatError
-from torchkeep.read.formats.base import Reader, TensorRef
 from torchkeep.limits import loads_json
+from torchkeep.read.formats.base import Reader, TensorRef
 
 log = logging.getLogger(__name__)
 

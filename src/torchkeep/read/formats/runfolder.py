@@ -15,8 +15,8 @@ import re
 from typing import Any
 
 from torchkeep.errors import TorchkeepError
-from torchkeep.read.formats.composite import CompositeReader, module_tree
 from torchkeep.limits import loads_json
+from torchkeep.read.formats.composite import CompositeReader, module_tree
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from torchkeep.errors import CorruptCheckpointError, FormatError
 from torchkeep import limits as _limits
+from torchkeep.errors import CorruptCheckpointError, FormatError
 from torchkeep.read.formats.base import Reader, TensorRef
 from torchkeep.read.formats.base import contiguous_stride as _contiguous_stride
 

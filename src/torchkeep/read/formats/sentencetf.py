@@ -11,8 +11,8 @@ import os
 from typing import Any
 
 from torchkeep.errors import FormatError
-from torchkeep.read.formats.composite import CompositeReader, module_tree
 from torchkeep.limits import read_json_file
+from torchkeep.read.formats.composite import CompositeReader, module_tree
 from torchkeep.read.tree import join, walk
 
 log = logging.getLogger(__name__)

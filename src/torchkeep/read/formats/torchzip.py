@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 import torch
 
-from torchkeep.errors import CorruptCheckpointError, FormatError
 from torchkeep import limits as _limits
+from torchkeep.errors import CorruptCheckpointError, FormatError
 from torchkeep.read.formats.base import Reader, TensorRef
 from torchkeep.read.formats.base import contiguous_stride as _contiguous_stride
 from torchkeep.read.unpickler import (GlobalRef, StorageRef, restricted_load_with_globals,
