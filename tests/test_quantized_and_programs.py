@@ -137,3 +137,26 @@ def test_exported_program_pt2(tmp_path):
         assert torch.equal(consts["constants.c"], loaded.constants["c"])
     p = run_cli("inspect", str(tmp_path / "m.pt2"), check=True)
     assert "model: 8 parameters" in p.stdout and "buffers: 1 tensors" in p.stdout, p.stdout
+
+
+def test_scan_reports_the_code_programs_carry(tmp_path):
+    """TorchScript source is a program torch.jit.load compiles and runs: listed as code, unsafe,
+    and never misread as a protocol-0 pickle ('class ...' starts like GLOBAL). An exported program
+    is a graph, not code that runs on load: safe, with a note that says what it holds."""
+    model = torch.nn.Linear(3, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(model), tmp_path / "ts.pt")
+    rep = torchkeep.scan(tmp_path / "ts.pt")
+    assert rep.verdict == "unsafe" and rep.code
+    assert all("TorchScript source" in c and c.split(" ")[0].endswith(".py") for c in rep.code)
+    assert not [g for g in rep.globals if g.member.endswith(".py")], rep.globals  # no text-as-pickle
+    assert not [e for e in rep.errors if ".py:" in e], rep.errors
+
+    ep = torch.export.export(model, (torch.randn(1, 3),))
+    torch.export.save(ep, tmp_path / "m.pt2")
+    rep = torchkeep.scan(tmp_path / "m.pt2")
+    assert rep.verdict == "safe" and not rep.code
+    assert any("an exported program" in n for n in rep.notes), rep.notes
+    p = run_cli("scan", str(tmp_path / "ts.pt"))
+    assert p.returncode == 1 and "code     " in p.stdout and "TorchScript source" in p.stdout

@@ -45,14 +45,18 @@ def run(args: argparse.Namespace) -> int:
             continue
         if rep.safe:
             out.print(f"[green]safe[/]     {path}  ({rep.format}, {len(rep.globals)} globals, all allowlisted)")
+            for n in rep.notes:
+                out.print(f"    note     {n}", markup=False, highlight=False)
         else:
-            label = "[red]UNSAFE[/]" if rep.unsafe or rep.uninspected else (
+            label = "[red]UNSAFE[/]" if rep.unsafe or rep.uninspected or rep.code else (
                 "[yellow]unknown[/]" if rep.unknown else "[red]DAMAGED[/]")
             out.print(f"{label}   {path}  ({rep.format})")
             for g in rep.unsafe:
                 out.print(f"    [red]unsafe[/]   {g.qualname}   [dim]in {g.member}[/]")
             for g in rep.unknown:
                 out.print(f"    [yellow]unknown[/]  {g.qualname}   [dim]in {g.member}[/]")
+            for c in rep.code:
+                out.print(f"    code     {c}", markup=False, highlight=False)
             for u in rep.uninspected:
                 out.print(f"    not inspected (unsafe to load): {u}", markup=False, highlight=False)
             for e in rep.errors:

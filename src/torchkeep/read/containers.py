@@ -46,6 +46,7 @@ class Found:
     blobs: list[Blob] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     uninspected: list[str] = field(default_factory=list)
+    code: list[str] = field(default_factory=list)   # programs the loader compiles and runs
     damaged: str | None = None    # the container itself is broken (its pickles may still be found)
 
 
@@ -157,6 +158,8 @@ def zip_pickles(raw: Any, path: str, budget: Budget, prefix: str = "", depth: in
         if info.is_dir():
             continue
         name = prefix + info.filename
+        if _program(info.filename, name, found):
+            continue
         head = _member_bytes(raw, info, zf, path, budget, found, name, head_only=True) or b""
         is_storage = "/data/" in "/" + info.filename and not info.filename.endswith(".pkl")
         nested = head[:4] == ZIP_MAGIC or head[:6] == NPY_MAGIC or head[:6] == SEVENZ_MAGIC
@@ -175,6 +178,20 @@ def zip_pickles(raw: Any, path: str, budget: Budget, prefix: str = "", depth: in
             continue
         _dispatch(data, name, path, budget, depth, found)
     return found
+
+
+def _program(member: str, name: str, found: Found) -> bool:
+    """Record a member that holds a program rather than a pickle; True when it is TorchScript
+    source (never probed as a pickle: its text can start like a protocol-0 one)."""
+    inside = "/" + member
+    if "/code/" in inside and member.endswith(".py"):
+        found.code.append(f"{name} (TorchScript source: torch.jit.load compiles and runs it)")
+        return True
+    if "/models/" in inside and member.endswith(".json") and "/data/" not in inside:
+        found.notes.append(f"{name}: an exported program (torch.export): torch.export.load rebuilds "
+                           "its graph, resolving the operators it names; running the program "
+                           "calls them")
+    return False
 
 
 def local_pickles(raw: Any, path: str, budget: Budget, found: Found) -> None:

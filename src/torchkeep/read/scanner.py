@@ -42,7 +42,8 @@ class ScanReport:
     ``safe`` is True only when every global is on the allowlist, nothing is damaged and every
     pickle could be looked into: 'unknown' globals are not dangerous by name but loading them
     with torch.load would import and run their module. ``uninspected`` lists pickles that could
-    not be read (encrypted members, 7z without py7zr): unsafe to load. ``notes`` say what is odd
+    not be read (encrypted members, 7z without py7zr): unsafe to load. ``code`` lists programs
+    the loader would compile and run (TorchScript source): unsafe to load. ``notes`` say what is odd
     about a container even where it did not stop the scan.
     """
 
@@ -56,12 +57,13 @@ class ScanReport:
     pickles: list[str] = field(default_factory=list)
     uninspected: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    code: list[str] = field(default_factory=list)
     limit: LimitExceededError | None = field(default=None, repr=False)
 
     @property
     def verdict(self) -> str:
         """'unsafe' (exit 1), 'damaged' (exit 2) or 'safe' (exit 0)."""
-        if self.unsafe or self.unknown or self.uninspected:
+        if self.unsafe or self.unknown or self.uninspected or self.code:
             return "unsafe"
         return "damaged" if self.errors else "safe"
 
@@ -71,12 +73,13 @@ class ScanReport:
         return {"path": self.path, "format": self.format, "safe": self.safe, "verdict": self.verdict,
                 "globals": g(self.globals), "unsafe": g(self.unsafe), "unknown": g(self.unknown),
                 "errors": self.errors, "pickles": self.pickles, "uninspected": self.uninspected,
-                "notes": self.notes}
+                "notes": self.notes, "code": self.code}
 
     def __str__(self) -> str:
         lines = [f"{self.verdict}: {self.path} ({self.format}, {len(self.globals)} globals)"]
         lines += [f"  unsafe  {g.qualname} in {g.member}" for g in self.unsafe]
         lines += [f"  unknown {g.qualname} in {g.member}" for g in self.unknown]
+        lines += [f"  code    {c}" for c in self.code]
         lines += [f"  not inspected: {u}" for u in self.uninspected]
         lines += [f"  damaged: {e}" for e in self.errors]
         return "\n".join(lines)
@@ -257,7 +260,7 @@ def _scan_file(path: str, budget: C.Budget) -> ScanReport:
 
             return ScanReport(path=path, format=detect(path).format, safe=True)
         rep = ScanReport(path=path, format=fmt, safe=True, notes=list(found.notes),
-                         uninspected=list(found.uninspected))
+                         uninspected=list(found.uninspected), code=list(found.code))
         if found.damaged:
             rep.errors.append(found.damaged)
         for blob in found.blobs:
@@ -339,6 +342,7 @@ def _merge(rep: ScanReport, sub: ScanReport, rel: str) -> None:
     rep.errors += [f"{tag}{e}" for e in sub.errors]
     rep.pickles += [f"{tag}{p}" for p in sub.pickles]
     rep.uninspected += [f"{tag}{u}" for u in sub.uninspected]
+    rep.code += [f"{tag}{c}" for c in sub.code]
     rep.notes += [f"{tag}{n}" for n in sub.notes]
     rep.limit = rep.limit or sub.limit
 
