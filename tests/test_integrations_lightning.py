@@ -138,12 +138,13 @@ def reference(tmp_path_factory):
 def test_model_checkpoint_top_k_and_last_as_committed_folders(reference):
     d, _ = reference
     names = sorted(os.listdir(d))
-    assert names == ["blobs", "epoch=2-step=15.ckpt", "epoch=3-step=20.ckpt", "last.ckpt"], names
-    for n in names[1:]:
+    assert names == ["blobs", "copies", "epoch=2-step=15.ckpt", "epoch=3-step=20.ckpt", "last.ckpt"], names
+    for n in names[2:]:
         assert os.path.isdir(os.path.join(d, n))
         assert native.verify_folder(native.storage_for(d)[0], os.path.join(d, n)) == []
     # The frozen backbone is one blob shared by every checkpoint, also the removed ones'.
     assert len(os.listdir(os.path.join(d, "blobs"))) == 1
+    assert os.listdir(os.path.join(d, "copies")) == os.listdir(os.path.join(d, "blobs"))  # its 2nd copy
     manifest = json.load(open(os.path.join(d, "last.ckpt", native.MANIFEST)))
     assert "pickle" not in json.dumps(manifest["state"])
     ck = TorchkeepCheckpointIO().load_checkpoint(os.path.join(d, "last.ckpt"))
@@ -204,7 +205,7 @@ def test_damaged_last_falls_back_with_a_warning_other_paths_raise(tmp_path, refe
         ck = io.load_checkpoint(os.path.join(d, "last.ckpt"))
     assert ck["global_step"] == 20
     shutil.copytree(os.path.join(d, "last.ckpt"), os.path.join(d, "copy.ckpt"))
-    with pytest.raises(CorruptCheckpointError, match="crc32|checksum"):
+    with pytest.raises(CorruptCheckpointError, match="xxh3|crc32|checksum"):
         io.load_checkpoint(os.path.join(d, "copy.ckpt"))
 
 

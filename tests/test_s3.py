@@ -82,7 +82,7 @@ def test_save_list_verify_rotate_restore(s3, url):
         assert [i.status for i in mgr.verify(deep=True)] == ["ok", "ok"]
     root = url[len("s3://"):]
     names = sorted(n.rsplit("/", 1)[-1] for n in s3.ls(root, refresh=True))
-    assert names == ["blobs", "step-00000003", "step-00000004"], names
+    assert names == ["blobs", "copies", "step-00000003", "step-00000004"], names
     assert len(s3.ls(f"{root}/blobs", refresh=True)) == 1          # the frozen layer, once
     assert not [p for p in s3.find(root) if "/.tmp-" in p]         # no temporary objects
     st2 = _state(seed=1)
@@ -102,17 +102,18 @@ def test_damaged_newest_is_skipped_and_uncommitted_is_cleaned(s3, url, caplog):
     data = bytearray(s3.cat(pack))
     data[-2] ^= 0xFF
     s3.pipe(pack, bytes(data))
-    s3.rm(f"{root}/{native.step_dirname(2)}/{native.COMMIT}")        # an interrupted save
+    # an interrupted save: a step folder with its pack uploaded and no commit record
+    s3.pipe(f"{root}/{native.step_dirname(9)}/{native.PACK}", s3.cat(f"{root}/{native.step_dirname(1)}/{native.PACK}"))
     mgr = CheckpointManager(url, keep_last=None)
     status = {i.step: i.status for i in mgr.verify()}
-    assert status == {1: "ok", 2: "uncommitted", 3: "damaged"}
+    assert status == {1: "ok", 2: "ok", 3: "damaged", 9: "uncommitted"}
     with caplog.at_level(logging.WARNING, logger="torchkeep"):
-        assert mgr.restore(_state(seed=2)) == 1
+        assert mgr.restore(_state(seed=2)) == 2
     assert "damaged" in caplog.text and native.step_dirname(3) in caplog.text
     _step(st)
     mgr.save(st)                   # the first save cleans what an interrupted writer left
     mgr.close()
-    assert not s3.exists(f"{root}/{native.step_dirname(2)}")
+    assert not s3.exists(f"{root}/{native.step_dirname(9)}")
 
 
 def test_an_interrupted_upload_leaves_no_object(s3, url):
@@ -207,11 +208,11 @@ def test_lightning_checkpoints_on_s3(s3, url):
     tl._trainer(url, TorchkeepCheckpointIO(), epochs=2).fit(tl.Tiny(), tl._loader())
     root = url[len("s3://"):]
     names = sorted(p.rsplit("/", 1)[-1] for p in s3.ls(root, refresh=True))
-    assert names == ["blobs", "epoch=0-step=5.ckpt", "epoch=1-step=10.ckpt", "last.ckpt"], names
+    assert names == ["blobs", "copies", "epoch=0-step=5.ckpt", "epoch=1-step=10.ckpt", "last.ckpt"], names
     assert last_checkpoint(url) == f"{url}/last.ckpt"
     trainer = tl._trainer(url, TorchkeepCheckpointIO(), epochs=3)
     trainer.fit(tl.Tiny(), tl._loader(), ckpt_path=last_checkpoint(url))
     assert trainer.global_step == 15                       # resumed at 10, one more epoch
     assert TorchkeepCheckpointIO().load_checkpoint(f"{url}/last.ckpt")["global_step"] == 15
     names = sorted(p.rsplit("/", 1)[-1] for p in s3.ls(root, refresh=True))
-    assert names == ["blobs", "epoch=1-step=10.ckpt", "epoch=2-step=15.ckpt", "last.ckpt"], names
+    assert names == ["blobs", "copies", "epoch=1-step=10.ckpt", "epoch=2-step=15.ckpt", "last.ckpt"], names

@@ -104,7 +104,7 @@ class TorchkeepCheckpointIO(CheckpointIO):
             try:
                 enc = serial.encode(_plain(value), allow_pickle=self._pickle_ok(key), path=key)
             except StateError as e:
-                if not (e.hint and "allow_pickle" in e.hint):
+                if not (e.hint and ("trust=" in e.hint or "allow_pickle" in e.hint)):
                     raise
                 raise StateError(e.detail, entry=e.entry,
                                  hint=f"store plain values there, or pass TorchkeepCheckpointIO("
