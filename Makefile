@@ -40,7 +40,7 @@ demo: $(STAMP)
 	$(VENV)/bin/torchkeep demo --dir $(DEMO_DIR)
 
 test: $(STAMP) chromium
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 -q --durations=15
 
 # The HTML report's browser test needs Chromium: installed from Debian when we are root with
 # apt; anywhere else the test skips (never a failure of the set-up).

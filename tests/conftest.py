@@ -44,3 +44,9 @@ def run_cli(*args: str, cwd: str | None = None, check: bool = False, timeout: fl
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (the README run, real frameworks, DeepSpeed): with `pytest -n 2` they then
+    run beside the many quick ones instead of being the tail of the suite."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
