@@ -46,6 +46,7 @@ with torchkeep.CheckpointManager(args.dir, keep_last=2, every_steps=10) as manag
     step = manager.restore(state)      # every rank; None in an empty folder
     if dist.get_rank() == 0:
         print(f"resumed from step {step}" if step is not None else "fresh start")
+    loss = None
     while state.step < args.steps:
         for x, y in state.batches():   # continues an interrupted epoch with the batches left
             loss = torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device))
@@ -58,5 +59,6 @@ with torchkeep.CheckpointManager(args.dir, keep_last=2, every_steps=10) as manag
             if state.step >= args.steps:
                 break
     if dist.get_rank() == 0:
-        print(f"step {state.step}: loss {loss.item():.4f}")
+        print(f"step {state.step}: loss {loss.item():.4f}" if loss is not None
+              else f"step {state.step}: nothing to train (--steps {args.steps} already reached)")
 dist.destroy_process_group()
