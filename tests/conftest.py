@@ -46,6 +46,31 @@ def cli():
     return run_cli
 
 
+def forked(fn, *args, quiet: bool = False) -> int:
+    """Run ``fn(*args)`` in a forked child (the crash tests SIGKILL it): its exit code, or minus
+    the signal that ended it. ``quiet`` silences warnings in the child."""
+    import warnings
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            with warnings.catch_warnings():
+                if quiet:
+                    warnings.simplefilter("ignore")
+                fn(*args)
+            code = 0
+        except BaseException:  # noqa: BLE001 - report, exit with a failure code
+            import traceback
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
 def pytest_collection_modifyitems(config, items):
     """Slow tests first (the README run, real frameworks, DeepSpeed): with `pytest -n 2` they then
     run beside the many quick ones instead of being the tail of the suite."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import warnings
 
 import pytest
@@ -16,8 +15,11 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the transformers integration needs transformers")
 
+from conftest import forked
+
 from torchkeep.integrations import sealed  # noqa: E402
-from torchkeep.integrations.transformers import TorchkeepCallback, last_good_checkpoint  # noqa: E402
+from torchkeep.integrations.transformers import (TorchkeepCallback,  # noqa: E402
+                                                 last_good_checkpoint)
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
@@ -26,23 +28,6 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def forked(fn, *args) -> int:
-    """Run ``fn(*args)`` in a forked child: its exit code, or minus the signal that ended it."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fn(*args)
-            code = 0
-        except BaseException:  # noqa: BLE001 - report, exit with a failure code
-            import traceback
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 # -- the transformers Trainer ---------------------------------------------------------------------

@@ -16,9 +16,12 @@ import torch
 
 pl = pytest.importorskip("lightning.pytorch", reason="the Lightning integration needs lightning")
 
+from conftest import forked
+
 from torchkeep.errors import StateError  # noqa: E402
+from torchkeep.integrations.lightning import (TorchkeepCheckpointIO,  # noqa: E402
+                                              load_from_checkpoint)
 from torchkeep.read.formats import native  # noqa: E402
-from torchkeep.integrations.lightning import TorchkeepCheckpointIO, load_from_checkpoint  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork"),
               pytest.mark.filterwarnings("ignore::UserWarning:lightning")]
@@ -108,30 +111,12 @@ def fit(d: str, result: str, kill: str = "", io_kind: str = "sync") -> None:
     torch.save({k: v.clone() for k, v in model.state_dict().items()}, result)
 
 
-def forked(fn, *args) -> int:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                fn(*args)
-            code = 0
-        except BaseException:  # noqa: BLE001 - report, exit with a failure code
-            import traceback
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     d = tmp_path_factory.mktemp("lightning-ref")
-    assert forked(fit, str(d / "ckpt"), str(d / "final.pt")) == 0
+    assert forked(fit, str(d / "ckpt"), str(d / "final.pt"), quiet=True) == 0
     return str(d / "ckpt"), torch.load(str(d / "final.pt"))
 
 
@@ -158,9 +143,9 @@ def test_model_checkpoint_top_k_and_last_as_committed_folders(reference):
 def test_killed_mid_save_resumes_from_last_and_ends_bit_identical(tmp_path, reference, kill):
     _, ref = reference
     d, out = str(tmp_path / "ckpt"), str(tmp_path / "final.pt")
-    assert forked(fit, d, out, kill) == -signal.SIGKILL
+    assert forked(fit, d, out, kill, quiet=True) == -signal.SIGKILL
     assert not os.path.exists(out)
-    assert forked(fit, d, out) == 0
+    assert forked(fit, d, out, quiet=True) == 0
     said = open(out + ".warnings").read()
     if kill.startswith("last-commit"):   # last.ckpt of step 15 half rewritten: its top-k twin
         assert "last.ckpt cannot be resumed from" in said and "epoch=2-step=15.ckpt" in said, said
@@ -228,7 +213,7 @@ def test_pickle_refused_by_key_unless_allowed(tmp_path):
 @pytest.mark.parametrize("io_kind", ["own-async", "lightning-async"])
 def test_async_saving_gives_the_same_checkpoints(tmp_path, reference, io_kind):
     d, out = str(tmp_path / "ckpt"), str(tmp_path / "final.pt")
-    assert forked(fit, d, out, "", io_kind) == 0
+    assert forked(fit, d, out, "", io_kind, quiet=True) == 0
     assert sorted(os.listdir(d)) == sorted(os.listdir(reference[0]))
     io = TorchkeepCheckpointIO()
     a = io.load_checkpoint(os.path.join(d, "last.ckpt"))["state_dict"]

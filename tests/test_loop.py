@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sys
 
 import pytest
-import torch
-
 import resume_worker as rw
+import torch
+from conftest import forked
+
 from torchkeep import CheckpointManager, TrainState
 from torchkeep.errors import StateError
 
@@ -119,27 +119,11 @@ def one_for_train(directory: str, out: str, cfg: rw.Config, kill: rw.Kill) -> No
                 "step": state.step, "seen": state.extras["seen"]}, out)
 
 
-def _forked(fn, *args) -> int:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fn(*args)
-            code = 0
-        except BaseException:  # noqa: BLE001 - report, exit with a failure code
-            import traceback
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 def _classic_reference(cfg: rw.Config, d: str) -> dict:
     out = os.path.join(d, "classic.pt")
-    assert _forked(rw.train, os.path.join(d, "classic"), out, cfg) == 0
+    assert forked(rw.train, os.path.join(d, "classic"), out, cfg) == 0
     ref = torch.load(out)
     ref.pop("epoch")
     return ref
@@ -155,7 +139,7 @@ def test_one_for_loop_killed_and_resumed_is_bit_identical_to_the_classic_loop(tm
             rw.Kill("commit", 1), rw.Kill()]
     d, out, log = str(tmp_path / "ckpt"), str(tmp_path / "final.pt"), []
     for kill in plan:
-        status = _forked(one_for_train, d, out, cfg, kill)
+        status = forked(one_for_train, d, out, cfg, kill)
         log.append(f"{kill.what}:{kill.n}->{status}")
         assert status in (0, -signal.SIGKILL), log
     assert sum(s.endswith("->-9") for s in log) >= 2, log
