@@ -56,12 +56,38 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'torchkeep' has no attribute {name!r}")
     value = getattr(importlib.import_module(f"torchkeep.{module}"), name)
+    _bind_collectives_early()   # torch may have been loaded just now
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
     return __all__
+
+
+def _bind_collectives_early() -> None:
+    """Import ``torch.distributed.nn`` now, while no process group exists (cheap: torch is loaded).
+
+    Its functions take ``group=group.WORLD`` as a default argument, evaluated when the module is
+    first imported. torchkeep imports DCP (which imports it) lazily, usually after
+    ``init_process_group()``: the default group then lives on in those defaults past
+    ``destroy_process_group()`` and is destroyed at interpreter exit, where gloo aborts the
+    process about once in ten runs ("terminate called without an active exception").
+    """
+    import sys
+
+    torch = sys.modules.get("torch")
+    dist = getattr(torch, "distributed", None)
+    if dist is None or "torch.distributed.nn" in sys.modules:
+        return
+    try:
+        if dist.is_available() and not dist.is_initialized():
+            importlib.import_module("torch.distributed.nn")
+    except Exception:  # noqa: BLE001 - an optional safeguard, never a reason to fail the import
+        pass
+
+
+_bind_collectives_early()
 
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -33,6 +33,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
@@ -62,7 +63,11 @@ log = logging.getLogger(__name__)
 
 # -- saving and restoring through a CheckpointManager --------------------------------------------
 
-_GROUP: list[Any] = [None, None]   # [the default group it was made for, the checkpoint group]
+# Weak references only: a process group that outlives destroy_process_group() is destroyed at
+# interpreter exit instead, when gloo's threads may abort the process ("terminate called without
+# an active exception"). torch's own registry holds the checkpoint group; destroy_process_group()
+# ends it with the others.
+_GROUP: list[Any] = [None, None]   # weakrefs: [the default group it was made for, the checkpoint group]
 _GROUP_LOCK = threading.Lock()
 
 
@@ -75,9 +80,11 @@ def checkpoint_group() -> Any:
 
     default = _get_default_group()
     with _GROUP_LOCK:
-        if _GROUP[0] is not default:
-            _GROUP[:] = [default, _dist().new_group(backend="gloo")]
-        return _GROUP[1]
+        made_for, group = (r() if r is not None else None for r in _GROUP)
+        if made_for is not default or group is None:
+            group = _dist().new_group(backend="gloo", group_desc="torchkeep_checkpoint")
+            _GROUP[:] = [weakref.ref(default), weakref.ref(group)]
+        return group
 
 
 def handles(manager: "CommitHost", state: Any, *, restoring: bool = False) -> bool:
