@@ -198,11 +198,11 @@ def test_pickle_refused_by_key_unless_allowed(tmp_path):
     torch.set_num_threads(1)
     model = Tiny(extra=Opaque(3))
     t = _trainer(str(tmp_path / "a"), TorchkeepCheckpointIO(), epochs=1)
-    with pytest.raises(StateError, match=r"hyper_parameters\.extra.*allow_pickle=\['hyper_parameters'\]"):
+    with pytest.raises(StateError, match=r"hyper_parameters\.extra.*trust=\['hyper_parameters'\]"):
         t.fit(model, _loader())
-    t = _trainer(str(tmp_path / "b"), TorchkeepCheckpointIO(allow_pickle=["hyper_parameters"]), epochs=1)
+    t = _trainer(str(tmp_path / "b"), TorchkeepCheckpointIO(trust=["hyper_parameters"]), epochs=1)
     t.fit(model, _loader())
-    ck = TorchkeepCheckpointIO(allow_pickle=["hyper_parameters"]).load_checkpoint(
+    ck = TorchkeepCheckpointIO(trust=["hyper_parameters"]).load_checkpoint(
         str(tmp_path / "b" / "last.ckpt"))
     assert isinstance(ck["hyper_parameters"]["extra"], Opaque) and ck["hyper_parameters"]["extra"].n == 3
     with pytest.raises(StateError, match="pickled"):
@@ -251,3 +251,10 @@ def test_cli_inspect_verify_ls_diff(reference, cli, capsys, monkeypatch):
     assert "scheduler 'lr_schedulers.0'" in text, text
     code, text = here("diff", os.path.join(d, "epoch=2-step=15.ckpt"), os.path.join(d, "last.ckpt"))
     assert code in (0, 1) and "head.weight" in text, text
+
+
+def test_allow_pickle_is_a_deprecated_alias_of_trust():
+    with pytest.warns(DeprecationWarning, match=r"allow_pickle=\.\.\.\) is deprecated; use trust="):
+        io = TorchkeepCheckpointIO(allow_pickle=["hyper_parameters"])
+    assert io.trust == frozenset({"hyper_parameters"})
+    assert TorchkeepCheckpointIO(trust=True).trust is True

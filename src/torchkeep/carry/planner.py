@@ -494,6 +494,35 @@ def _plan_ema(ema: Any, src: _Source, plan: _Plan) -> Any:
     return ema_state.plan_ema(ema, tensors, plan.actions, plan.report.reasons, f"{src.label} '{key}'")
 
 
+def _not_exact(report: TransferReport) -> TransferError:
+    """The error of a strict transfer that is not exact (raised before anything changes)."""
+    err = TransferError(
+        f"transfer {report.source} -> {report.target} is not exact "
+        f"({len(report.missing)} missing, {len(report.unused)} unused); nothing was changed:\n  "
+        + "\n  ".join(report.problems()),
+        hint="pass strict=False to load what fits, or add rename rules")
+    err.report = report  # type: ignore[attr-defined]
+    return err
+
+
+def _apply(plan: "_Plan", src: Any, tgt: Any) -> None:
+    """Read the source tensors the plan needs and write them (adapted) into the target."""
+    meta = [t for t in plan.actions if tgt.tensors[t].device.type == "meta"]
+    if meta:
+        raise TransferError(f"{len(meta)} target tensors are on the meta device ({meta[0]}, ...); "
+                            "nothing was changed",
+                            hint="materialize the model first (model.to_empty(device=...)) "
+                                 "or pass dry_run=True")
+    if not plan.actions:
+        return
+    needed = list(dict.fromkeys(s for s, _ in plan.actions.values()))
+    tensors = src.read(needed)
+    with torch.no_grad():
+        for t, (s, ad) in plan.actions.items():
+            ad.write(tensors[s], tgt.tensors[t])
+    plan.report.applied = True
+
+
 def transfer(model: nn.Module | MutableMapping[str, torch.Tensor], source: Any, *,
              rules: RulesLike = None, match: str = "auto", adapt: bool | Iterable[str] = True,
              strict: bool = False, dry_run: bool = False, allow_empty: bool = False,
@@ -540,14 +569,7 @@ def transfer(model: nn.Module | MutableMapping[str, torch.Tensor], source: Any, 
         report = plan.report
         report.dry_run = dry_run
         if strict and not report.ok:
-            problems = report.problems()
-            err = TransferError(
-                f"transfer {report.source} -> {report.target} is not exact "
-                f"({len(report.missing)} missing, {len(report.unused)} unused); nothing was changed:\n  "
-                + "\n  ".join(problems),
-                hint="pass strict=False to load what fits, or add rename rules")
-            err.report = report  # type: ignore[attr-defined]
-            raise err
+            raise _not_exact(report)
         # The optimizer state and the EMA copy are planned (and read) before anything changes.
         opt_plan = ema_plan = None
         if optimizer is not None:
@@ -560,27 +582,14 @@ def transfer(model: nn.Module | MutableMapping[str, torch.Tensor], source: Any, 
         _speak_up(report, allow_empty)
         if dry_run:
             return report
-        meta = [t for t in plan.actions if tgt.tensors[t].device.type == "meta"]
-        if meta:
-            raise TransferError(f"{len(meta)} target tensors are on the meta device ({meta[0]}, ...); "
-                                "nothing was changed",
-                                hint="materialize the model first (model.to_empty(device=...)) "
-                                     "or pass dry_run=True")
-        if plan.actions:
-            needed = list(dict.fromkeys(s for s, _ in plan.actions.values()))
-            tensors = src.read(needed)
-            with torch.no_grad():
-                for t, (s, ad) in plan.actions.items():
-                    ad.write(tensors[s], tgt.tensors[t])
-            report.applied = True
-        if opt_plan is not None or ema_plan is not None:
-            from torchkeep.carry.migration import ema as ema_state
+        _apply(plan, src, tgt)
+        if opt_plan is not None:
             from torchkeep.carry.migration import optimizer as migrate
-            if opt_plan is not None:
-                migrate.apply_optimizer(optimizer, opt_plan)
-            if ema_plan is not None:
-                ema_state.apply_ema(ema_plan)
-                report.ema.applied = True
+            migrate.apply_optimizer(optimizer, opt_plan)
+        if ema_plan is not None:
+            from torchkeep.carry.migration import ema as ema_state
+            ema_state.apply_ema(ema_plan)
+            report.ema.applied = True
         log.debug("%s", report.headline())
         return report
     finally:

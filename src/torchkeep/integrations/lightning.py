@@ -28,10 +28,12 @@ the plugin: :func:`load_from_checkpoint` (``load_from_checkpoint(MyModel, "ckpt/
 reads the folder, verified, and hands Lightning the same dictionary.
 
 Values typed JSON cannot hold (an object in ``hyper_parameters``) raise StateError naming the
-key; ``allow_pickle=True`` (or a list of top-level keys, e.g. ``["hyper_parameters"]``) pickles
-them instead. ``async_save=True`` copies the tensors in the caller's thread and writes in a
-background thread (one at a time; an error is raised by the next call or at teardown); wrapped
-in Lightning's ``AsyncCheckpointIO`` it works as well.
+key; ``trust=True`` (or a list of top-level keys, e.g. ``["hyper_parameters"]``) pickles
+them instead, and unpickles them on load (which runs code from the checkpoint: the same opt-in
+``torchkeep.open`` and the CLI's ``--trust`` use; ``allow_pickle`` is its deprecated alias).
+``async_save=True`` copies the tensors in the caller's thread and writes in a background thread
+(one at a time; an error is raised by the next call or at teardown); wrapped in Lightning's
+``AsyncCheckpointIO`` it works as well.
 """
 from __future__ import annotations
 
@@ -78,12 +80,23 @@ def _cpu(t: torch.Tensor, copy: bool) -> torch.Tensor:
     return t.clone() if copy else t
 
 
+def _trust_opt_in(trust: bool | Iterable[str], allow_pickle: bool | Iterable[str] | None,
+                  where: str) -> bool | Iterable[str]:
+    """``trust``, or the deprecated ``allow_pickle`` (with a DeprecationWarning) when given."""
+    if allow_pickle is None:
+        return trust
+    warnings.warn(f"{where}(allow_pickle=...) is deprecated; use trust=... (the same opt-in "
+                  f"torchkeep.open and the CLI's --trust use)", DeprecationWarning, stacklevel=3)
+    return allow_pickle if trust is False else trust
+
+
 class TorchkeepCheckpointIO(CheckpointIO):
     """A Lightning ``CheckpointIO`` writing torchkeep checkpoint folders (see the module doc)."""
 
-    def __init__(self, *, allow_pickle: bool | Iterable[str] = False, async_save: bool = False,
-                 verify: bool = True) -> None:
-        self.allow_pickle = allow_pickle if isinstance(allow_pickle, bool) else frozenset(allow_pickle)
+    def __init__(self, *, trust: bool | Iterable[str] = False, async_save: bool = False,
+                 verify: bool = True, allow_pickle: bool | Iterable[str] | None = None) -> None:
+        trust = _trust_opt_in(trust, allow_pickle, "TorchkeepCheckpointIO")
+        self.trust = trust if isinstance(trust, bool) else frozenset(trust)
         self.async_save = async_save
         self.verify = verify
         self._lock = threading.RLock()     # saves and removals of one folder, one at a time
@@ -93,7 +106,7 @@ class TorchkeepCheckpointIO(CheckpointIO):
 
     # -- saving ---------------------------------------------------------------------------------
     def _pickle_ok(self, key: str) -> bool:
-        return self.allow_pickle if isinstance(self.allow_pickle, bool) else key in self.allow_pickle
+        return self.trust if isinstance(self.trust, bool) else key in self.trust
 
     def _encode(self, checkpoint: Mapping[str, Any]) -> serial.Encoded:
         tree: dict[str, Any] = {}
@@ -104,11 +117,11 @@ class TorchkeepCheckpointIO(CheckpointIO):
             try:
                 enc = serial.encode(_plain(value), allow_pickle=self._pickle_ok(key), path=key)
             except StateError as e:
-                if not (e.hint and ("trust=" in e.hint or "allow_pickle" in e.hint)):
+                if not (e.hint and "trust=" in e.hint):
                     raise
                 raise StateError(e.detail, entry=e.entry,
                                  hint=f"store plain values there, or pass TorchkeepCheckpointIO("
-                                      f"allow_pickle=[{key!r}]) to pickle what is under {key!r}") from None
+                                      f"trust=[{key!r}]) to pickle what is under {key!r}") from None
             tree[key] = enc.tree
             tensors.update(enc.tensors)
         return serial.Encoded(tree, tensors)
@@ -228,7 +241,7 @@ class TorchkeepCheckpointIO(CheckpointIO):
         def pickled(value: serial.PickledValue, where: str) -> Any:
             if not self._pickle_ok(where.split(".", 1)[0].split("[", 1)[0]):
                 raise StateError(f"holds a pickled {value.type_name}", entry=where,
-                                 hint="TorchkeepCheckpointIO(allow_pickle=...) to unpickle it "
+                                 hint="TorchkeepCheckpointIO(trust=...) to unpickle it "
                                       "(runs code from the checkpoint)")
             return value.load()
 
@@ -326,17 +339,18 @@ def last_checkpoint(dirpath: Any) -> str | None:
     return url_of(path) if url_of is not None else path
 
 
-def load_from_checkpoint(cls: Any, path: Any, *, allow_pickle: bool | Iterable[str] = False,
-                         **kwargs: Any) -> Any:
+def load_from_checkpoint(cls: Any, path: Any, *, trust: bool | Iterable[str] = False,
+                         allow_pickle: bool | Iterable[str] | None = None, **kwargs: Any) -> Any:
     """``cls.load_from_checkpoint`` for a torchkeep checkpoint folder: the folder is read and
     verified here, then handed to Lightning as an in-memory file (``kwargs`` as Lightning's:
     ``map_location``, ``strict``, hyperparameter overrides)."""
     import io
 
-    checkpoint = TorchkeepCheckpointIO(allow_pickle=allow_pickle).load_checkpoint(path)
+    trust = _trust_opt_in(trust, allow_pickle, "load_from_checkpoint")
+    checkpoint = TorchkeepCheckpointIO(trust=trust).load_checkpoint(path)
     buf = io.BytesIO()
     torch.save(checkpoint, buf)
     buf.seek(0)
     # Plain containers and tensors only, unless pickled values were allowed above.
-    kwargs.setdefault("weights_only", not allow_pickle)
+    kwargs.setdefault("weights_only", not trust)
     return cls.load_from_checkpoint(buf, **kwargs)

@@ -85,106 +85,85 @@ class NativeWriter:
               meta: Mapping[str, Any],
               extra_tensors: Mapping[str, Mapping[str, Any]] | None = None,
               hints: Mapping[str, tuple[str, str]] | None = None) -> WriteResult:
-        # ``extra_tensors``: manifest entries of tensors whose bytes other writers put in the
-        # folder (torchkeep.keep.sharded.checkpointing: each rank's shards, see formats/sharded.py).
+        """Write ``snap`` into ``folder`` (blobs, pack, manifest), durably; not committed.
+
+        ``extra_tensors``: manifest entries of tensors whose bytes other writers put in the
+        folder (torchkeep.keep.sharded.checkpointing: each rank's shards, see formats/sharded.py).
+        """
+        st = self.storage
+        self._make_folders(folder)
+        job = _Job(snap, known, hints or {})
+        small = [(k, t) for k, t in snap.tensors.items() if t.nbytes < self.blob_min_bytes]
+        large = [(k, t) for k, t in snap.tensors.items() if t.nbytes >= self.blob_min_bytes]
+        # Largest first: the long jobs start early and the small ones fill the gaps.
+        large.sort(key=lambda kt: -kt[1].nbytes)
+        with ThreadPoolExecutor(max(1, self.threads), thread_name_prefix="torchkeep-io") as pool:
+            futures = [pool.submit(self._put, job, key, t) for key, t in large]
+            pack_future = pool.submit(self._write_pack, folder, small) if small else None
+            for f in futures:
+                key, e, digest, tok = f.result()
+                job.entries[key] = e
+                job.refs[digest] = tok
+            if pack_future is not None:
+                toks, n = pack_future.result()
+                job.add_written(n)
+                for key, t in small:
+                    job.entries[key] = {**job.entry(key, t, toks[key]), "file": PACK}
+        data = _manifest_bytes(job, meta, extra_tensors)
+        st.write_file(st.join(folder, MANIFEST), [data], sync_dir=False)
+        job.add_written(len(data))
+        if large:
+            self.blobs.sync()
+            self.guard.sync()
+        st.sync_dir(folder)
+        return WriteResult(folder, hashlib.sha256(data).hexdigest(), job.refs, snap.nbytes,
+                           job.written, job.entries)
+
+    def _make_folders(self, folder: str) -> None:
         st = self.storage
         st.makedirs(folder)
         st.makedirs(self.blobs.folder)
         st.makedirs(self.guard.folder)
         # The new folder's name must be durable before anything (rotation) relies on it.
         st.sync_dir(folder.rstrip("/").rsplit("/", 1)[0] if "/" in folder.rstrip("/") else ".")
-        small = [(k, t) for k, t in snap.tensors.items() if t.nbytes < self.blob_min_bytes]
-        large = [(k, t) for k, t in snap.tensors.items() if t.nbytes >= self.blob_min_bytes]
-        lock = threading.Lock()
-        claimed: set[str] = set()
-        written = [0]
-        entries: dict[str, dict[str, Any]] = {}
-        refs: dict[str, str] = {}
 
-        def info(key: str, t: torch.Tensor, tok: str) -> dict[str, Any]:
-            e = {"dtype": serial.dtype_name(t.dtype), "shape": list(t.shape), **entry_fields(tok)}
-            if key in snap.devices:
-                e["device"] = snap.devices[key]
-            return e
-
-        def reuse(key: str, t: torch.Tensor, digest: str, tok: str, old: str,
-                  header: bytes, mv: memoryview) -> tuple[str, dict[str, Any], str, str]:
-            n = self.guard.reuse(digest, old, (header, mv))
-            if n:
-                with lock:
-                    written[0] += n
-            e = info(key, t, tok)
-            e["blob"] = digest
-            e["copies"] = 2   # shared from now on: verify expects its second copy
-            return key, e, digest, tok
-
-        def put(item: tuple[str, torch.Tensor]) -> tuple[str, dict[str, Any], str, str]:
-            key, t = item
-            mv = tensor_bytes(t)
-            header = st_header([("data", t.dtype, t.shape, len(mv))])
-            tok = None
-            hint = hints.get(key) if hints else None
-            if hint is not None:
-                h_digest, h_tok = hint
-                tok = token_of(mv, algo_of(h_tok))
-                if tok == h_tok and known.get(h_digest) == tok and self.blobs.has(h_digest):
-                    if algo_of(tok) != ALGO:
-                        tok = token_of(mv)
-                    return reuse(key, t, h_digest, tok, h_tok, header, mv)
+    def _put(self, job: "_Job", key: str, t: torch.Tensor) -> tuple[str, dict[str, Any], str, str]:
+        """One large tensor: reuse the kept blob holding its bytes, or write a new blob.
+        Returns (key, manifest entry, blob digest, checksum token)."""
+        mv = tensor_bytes(t)
+        header = st_header([("data", t.dtype, t.shape, len(mv))])
+        hint = job.hints.get(key)
+        if hint is not None:
+            h_digest, h_tok = hint
+            tok = token_of(mv, algo_of(h_tok))
+            if tok == h_tok and job.known.get(h_digest) == tok and self.blobs.has(h_digest):
                 if algo_of(tok) != ALGO:
-                    tok = None
-            digest, tok = content_name(header, mv)
-            with lock:
-                if digest in known and self.blobs.has(digest):
-                    new = None
-                elif digest in claimed:
-                    new = False
-                else:
-                    claimed.add(digest)
-                    new = True
-            if new is None:
-                return reuse(key, t, digest, tok, known[digest], header, mv)
-            if new:
-                self.blobs.put(digest, (header, mv))
-                self.guard.wrote(digest)
-                with lock:
-                    written[0] += len(header) + len(mv)
-            e = info(key, t, tok)
-            e["blob"] = digest
-            return key, e, digest, tok
+                    tok = token_of(mv)
+                return self._reuse(job, key, t, h_digest, tok, h_tok, header, mv)
+        digest, tok = content_name(header, mv)
+        with job.lock:
+            if digest in job.known and self.blobs.has(digest):
+                new = None
+            elif digest in job.claimed:
+                new = False     # another thread of this write holds the same bytes
+            else:
+                job.claimed.add(digest)
+                new = True
+        if new is None:
+            return self._reuse(job, key, t, digest, tok, job.known[digest], header, mv)
+        if new:
+            self.blobs.put(digest, (header, mv))
+            self.guard.wrote(digest)
+            job.add_written(len(header) + len(mv))
+        return key, {**job.entry(key, t, tok), "blob": digest}, digest, tok
 
-        # Largest first: the long jobs start early and the small ones fill the gaps.
-        large.sort(key=lambda kt: -kt[1].nbytes)
-        with ThreadPoolExecutor(max(1, self.threads), thread_name_prefix="torchkeep-io") as pool:
-            futures = [pool.submit(put, item) for item in large]
-            pack_future = pool.submit(self._write_pack, folder, small) if small else None
-            for f in futures:
-                key, e, digest, tok = f.result()
-                entries[key] = e
-                refs[digest] = tok
-            if pack_future is not None:
-                toks, n = pack_future.result()
-                written[0] += n
-                for key, t in small:
-                    e = info(key, t, toks[key])
-                    e["file"] = PACK
-                    entries[key] = e
-        manifest = {
-            "format": FORMAT, "version": VERSION, "kind": "training-state",
-            **{k: v for k, v in meta.items()},
-            "blobs": "../" + BLOB_DIR, "copies": "../" + COPY_DIR,
-            "tensors": {**{k: entries[k] for k in snap.tensors}, **dict(extra_tensors or {})},
-            "state": snap.tree,
-        }
-        data = json.dumps(manifest, separators=(",", ":"), allow_nan=False).encode()
-        st.write_file(st.join(folder, MANIFEST), [data], sync_dir=False)
-        written[0] += len(data)
-        if large:
-            self.blobs.sync()
-            self.guard.sync()
-        st.sync_dir(folder)
-        return WriteResult(folder, hashlib.sha256(data).hexdigest(), refs, snap.nbytes, written[0],
-                           entries)
+    def _reuse(self, job: "_Job", key: str, t: torch.Tensor, digest: str, tok: str, old: str,
+               header: bytes, mv: memoryview) -> tuple[str, dict[str, Any], str, str]:
+        """Refer to the kept blob ``digest`` (through the guard: evidence that both of its files
+        are intact, a second copy written when it first becomes shared)."""
+        job.add_written(self.guard.reuse(digest, old, (header, mv)))
+        # shared from now on: verify expects its second copy
+        return key, {**job.entry(key, t, tok), "blob": digest, "copies": 2}, digest, tok
 
     def _write_pack(self, folder: str, small: list[tuple[str, torch.Tensor]]
                     ) -> tuple[dict[str, str], int]:
@@ -195,6 +174,43 @@ class NativeWriter:
         self.storage.write_file(self.storage.join(folder, PACK), [header, *(mv for _, _, mv in views)],
                                 sync_dir=False)
         return toks, len(header) + sum(len(mv) for _, _, mv in views)
+
+
+class _Job:
+    """What one :meth:`NativeWriter.write` shares between its threads."""
+
+    def __init__(self, snap: Snapshot, known: Mapping[str, str],
+                 hints: Mapping[str, tuple[str, str]]) -> None:
+        self.snap, self.known, self.hints = snap, known, hints
+        self.lock = threading.Lock()
+        self.claimed: set[str] = set()           # digests one thread of this write is writing
+        self.written = 0
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.refs: dict[str, str] = {}
+
+    def add_written(self, n: int) -> None:
+        if n:
+            with self.lock:
+                self.written += n
+
+    def entry(self, key: str, t: torch.Tensor, tok: str) -> dict[str, Any]:
+        """The manifest entry of ``key`` (dtype, shape, checksum, device), without its file."""
+        e = {"dtype": serial.dtype_name(t.dtype), "shape": list(t.shape), **entry_fields(tok)}
+        if key in self.snap.devices:
+            e["device"] = self.snap.devices[key]
+        return e
+
+
+def _manifest_bytes(job: _Job, meta: Mapping[str, Any],
+                    extra_tensors: Mapping[str, Mapping[str, Any]] | None) -> bytes:
+    manifest = {
+        "format": FORMAT, "version": VERSION, "kind": "training-state",
+        **dict(meta),
+        "blobs": "../" + BLOB_DIR, "copies": "../" + COPY_DIR,
+        "tensors": {**{k: job.entries[k] for k in job.snap.tensors}, **dict(extra_tensors or {})},
+        "state": job.snap.tree,
+    }
+    return json.dumps(manifest, separators=(",", ":"), allow_nan=False).encode()
 
 
 __all__ = ["Snapshot", "WriteResult", "NativeWriter", "commit", "uncommit"]
