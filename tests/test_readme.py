@@ -16,7 +16,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import warnings
 
 import pytest
 from conftest import ROOT
