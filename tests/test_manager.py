@@ -181,20 +181,31 @@ def test_change_behind_the_version_counter_is_still_saved(tmp_path, async_save):
     assert torch.equal(st2.model.body.weight, body) and st2.model.body.weight[0, 0] == 42.0
 
 
-def test_kill_during_rotation_never_loses_kept_data(tmp_path, monkeypatch):
+@pytest.mark.parametrize("async_save", [False, True])
+def test_kill_during_rotation_never_loses_kept_data(tmp_path, monkeypatch, async_save):
     d = str(tmp_path / "run")
     st = make_state(frozen=True)
-    mgr = CheckpointManager(d, keep_last=1, async_save=False)
+    mgr = CheckpointManager(d, keep_last=1, async_save=async_save)
     train_step(st)
     mgr.save(st)
+    mgr.wait()
     from torchkeep.store import backends as store
 
+    killed = []
+
     def crash(self, path):
+        killed.append(path)
         raise KeyboardInterrupt("killed while deleting " + path)
     monkeypatch.setattr(store.LocalStorage, "rmtree", crash)
+    # the deletions run in a background thread (sync saves) or in the writer thread (async)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)
     train_step(st)
-    with pytest.raises(KeyboardInterrupt):
+    try:
         mgr.save(st)
+        mgr.wait()
+    except KeyboardInterrupt:  # the writer thread's (async); the sync save's deletions die quietly
+        pass
+    assert killed and killed[0].endswith("step-00000001")
     monkeypatch.undo()
     # step 1 lost its commit record first, so it is gone as a checkpoint; step 2 is whole.
     mgr2 = CheckpointManager(d, keep_last=1, async_save=False)
@@ -202,6 +213,40 @@ def test_kill_during_rotation_never_loses_kept_data(tmp_path, monkeypatch):
     assert [(i.step, i.status) for i in mgr2.verify()] == [(1, "uncommitted"), (2, "ok")]
     st2 = make_state(seed=9, frozen=True)
     assert mgr2.restore(st2) == 2 and same_model(st.model, st2.model)
+    mgr.close()
+
+
+def test_sync_save_returns_once_committed_and_frees_rotated_files_before_the_next(tmp_path,
+                                                                                   monkeypatch):
+    """A synchronous save returns when its checkpoint is committed; the files of the checkpoints
+    rotation dropped are deleted in the background, and the next save, wait() and close() wait
+    for that (space is freed before anything new is written)."""
+    from torchkeep.store import backends as store
+
+    d = str(tmp_path / "run")
+    st = make_state()
+    mgr = CheckpointManager(d, keep_last=1, async_save=False)
+    train_step(st)
+    mgr.save(st)
+    gate, calls = threading.Event(), []
+    real = store.LocalStorage.rmtree
+
+    def slow_rmtree(self, path):
+        calls.append(path)
+        gate.wait(10)
+        real(self, path)
+    monkeypatch.setattr(store.LocalStorage, "rmtree", slow_rmtree)
+    train_step(st)
+    mgr.save(st)                              # returns while step 1's folder is being deleted
+    assert [i.step for i in mgr.list()] == [2]    # no longer a checkpoint: its record went first
+    assert os.path.isdir(os.path.join(d, "step-00000001"))
+    waiter = threading.Thread(target=mgr.wait)
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive(), "wait() returned before the rotated files were deleted"
+    gate.set()
+    waiter.join(10)
+    assert not waiter.is_alive() and not os.path.exists(os.path.join(d, "step-00000001"))
     mgr.close()
 
 

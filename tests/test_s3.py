@@ -36,6 +36,9 @@ def s3():
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    # fsspec caches filesystems by their arguments, not by the environment: one made for an
+    # earlier server (this fixture runs again when xdist interleaves modules) would be reused.
+    s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem()
     fs.mkdir("torchkeep-test")
     try:
@@ -46,6 +49,7 @@ def s3():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        s3fs.S3FileSystem.clear_instance_cache()
         server.stop()
 
 

@@ -83,6 +83,7 @@ class CheckpointManager(FlushOnExit):
         self.writer = native.NativeWriter(self.storage, self.blobs)
         self._mutex = threading.RLock()
         self._thread: threading.Thread | None = None
+        self._reaper: threading.Thread | None = None   # deletes what rotation dropped (sync saves)
         self._error: BaseException | None = None
         self._entries: dict[int, CommitEntry] | None = None   # the writer's view, from the first save on
         self._lock_cm: Any = None
@@ -303,16 +304,17 @@ class CheckpointManager(FlushOnExit):
         return known
 
     def _committed(self, step: int, info: CheckpointInfo, blobs: dict[str, str],
-                   unchanged: dict[str, Any] | None = None) -> None:
+                   unchanged: dict[str, Any] | None = None, *, defer: bool = False) -> None:
         """``step`` is committed: file it, remember what it wrote for the next save's
         unchanged-tensor test, then rotate (a failed rotation is logged and retried by the next
-        save: the checkpoint itself is safe)."""
+        save: the checkpoint itself is safe). ``defer``: delete the files of the checkpoints
+        rotation drops in a background thread (see :meth:`_rotate`)."""
         with self._mutex:
             assert self._entries is not None
             self._entries[step] = CommitEntry(info, blobs)
             self._prev = unchanged or {}
         try:
-            self._rotate()
+            self._rotate(defer=defer)
         except Exception as e:  # noqa: BLE001
             log.error("step %d is saved, but rotation failed (%s); older checkpoints stay until "
                       "the next save retries", step, e)
@@ -368,11 +370,14 @@ class CheckpointManager(FlushOnExit):
         unchanged = {k: (*sigs[k], e["blob"], entry_token(e)) for k, e in res.entries.items()
                      if e.get("blob") and sigs and k in sigs}
         log.debug("saved step %d: %d bytes, %d written", step, res.nbytes, res.written)
-        self._committed(step, info, res.blobs, unchanged)
+        self._committed(step, info, res.blobs, unchanged, defer=not self.async_save)
 
-    def _rotate(self) -> None:
-        """Delete checkpoints the policy does not keep: commit record first, then the folder,
-        then blobs that no remaining committed checkpoint refers to."""
+    def _rotate(self, *, defer: bool = False) -> None:
+        """Delete checkpoints the policy does not keep: commit record first (from then on no
+        reader counts them), then the folders and the blobs no remaining committed checkpoint
+        refers to. With ``defer`` (a synchronous save) those deletions run in a background thread,
+        so that the save returns once its checkpoint is committed; the next save, :meth:`wait`
+        and :meth:`close` wait for them (space is freed before anything new is written)."""
         entries = self._entries
         assert entries is not None
         with self._mutex:
@@ -380,13 +385,34 @@ class CheckpointManager(FlushOnExit):
             drop = [s for s in entries if s not in keep]
         if drop and self._identity is not None:
             self._identity.check("rotate")
+        folders = []
         for s in drop:
             folder = entries[s].info.path
             native.uncommit(self.storage, folder)
             with self._mutex:
                 del entries[s]
-            self.storage.rmtree(folder)
-        self._collect_blobs()  # also frees what a replaced checkpoint of the same step held
+            folders.append(folder)
+        if not defer:
+            self._delete(folders)
+            return
+        t = threading.Thread(target=self._delete, args=(folders, True), daemon=False,
+                             name="torchkeep-rotate")
+        with self._mutex:
+            self._reaper = t
+        t.start()
+
+    def _delete(self, folders: list[str], background: bool = False) -> None:
+        """Remove uncommitted ``folders``, then the blobs no committed checkpoint refers to
+        (also what a replaced checkpoint of the same step held)."""
+        try:
+            for folder in folders:
+                self.storage.rmtree(folder)
+            self._collect_blobs()
+        except Exception as e:  # noqa: BLE001
+            if not background:
+                raise
+            log.error("deleting the files of rotated checkpoints failed (%s); the next save "
+                      "retries", e)
 
     def _collect_blobs(self) -> None:
         entries = self._entries
@@ -430,6 +456,10 @@ class CheckpointManager(FlushOnExit):
             with self._mutex:
                 if self._thread is t:
                     self._thread = None
+        with self._mutex:
+            reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            reaper.join()
         with self._mutex:
             err, self._error = self._error, None
         return err
