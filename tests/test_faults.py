@@ -468,17 +468,18 @@ WRITER = textwrap.dedent("""
     import test_faults as tf
     from torchkeep import CheckpointManager
     st = tf.make_state()
-    with CheckpointManager(sys.argv[1], keep_last=1, async_save=True) as mgr:
+    with CheckpointManager(sys.argv[1], keep_last=1, async_save=sys.argv[4] == "async") as mgr:
         t0 = time.time()
         while time.time() - t0 < float(sys.argv[3]):
             tf.train_step(st); mgr.save(st)
 """)
 
 
-def test_reader_loops_verify_and_load_while_writer_rotates(tmp_path):
+@pytest.mark.parametrize("mode", ["async", "sync"])  # sync: rotation deletes in the background
+def test_reader_loops_verify_and_load_while_writer_rotates(tmp_path, mode):
     d = str(tmp_path / "run")
     env = dict(os.environ, PYTHONPATH=SRC)
-    w = subprocess.Popen([sys.executable, "-c", WRITER, d, os.path.dirname(__file__), "4"], env=env,
+    w = subprocess.Popen([sys.executable, "-c", WRITER, d, os.path.dirname(__file__), "4", mode], env=env,
                          stderr=subprocess.PIPE, text=True)
     loads = verifies = 0
     try:
