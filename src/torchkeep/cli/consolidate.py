@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "CheckpointManager folder, one of its step folders, or a torch.distributed."
                     "checkpoint folder) whole, whatever the number of ranks, and write them to OUT "
                     "as safetensors: the model weights under the names a bare model uses, or every "
-                    "tensor with --all. Shard files are checked against their sha256 first; OUT is "
+                    "tensor with --all. Shard files are checked against their checksums first; OUT is "
                     "written under a temporary name, fsynced, verified and renamed.")
     p.add_argument("src", metavar="DIR", help="manager folder (newest checkpoint), step folder or DCP folder")
     p.add_argument("dst", metavar="OUT.safetensors", help="output file")

@@ -7,5 +7,5 @@ used, and ``import torchkeep`` imports none of them:
   ``checkpoint-N`` folders;
 * :mod:`.accelerate`: ``save_state`` and ``last_good_checkpoint`` for ``accelerator.save_state``;
 * :mod:`.sealed`: what the last two share: a folder another library wrote, made durable and
-  verifiable (sha256 of every file in a manifest, a commit record written last).
+  verifiable (xxh3-128 of every file in a manifest, a commit record written last).
 """

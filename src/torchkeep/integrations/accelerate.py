@@ -11,7 +11,7 @@ that picks the newest one that is whole.
 
 With ``ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=N)``, accelerate deletes
 the oldest folders *before* it writes the new one; :func:`save_state` lets it write, seals the new
-folder (fsync, manifest with the sha256 of each file, commit record last,
+folder (fsync, manifest with the xxh3-128 of each file, commit record last,
 :mod:`torchkeep.integrations.sealed`) and only then deletes what ``total_limit`` no longer keeps.
 The files stay accelerate's own (its optimizer and RNG files are pickles).
 """

@@ -8,9 +8,9 @@
     trainer.fit(model, ckpt_path="last")
 
 Each path Lightning names (``epoch=3-step=400.ckpt``, ``last.ckpt``) becomes a native checkpoint
-*folder*: tensors in safetensors with a crc32 each, everything else in typed JSON (no pickle), a
+*folder*: tensors in safetensors with an xxh3 checksum each, everything else in typed JSON (no pickle), a
 manifest and a commit record written last. Tensors of 64 KiB and more go to ``blobs/`` next to
-those folders, named by their sha256, so a frozen backbone is stored once however many
+those folders, named by the xxh3-128 of their bytes, so a frozen backbone is stored once however many
 checkpoints hold it; :meth:`~TorchkeepCheckpointIO.remove_checkpoint` (ModelCheckpoint's top-k
 rotation) deletes the commit record first and then only blobs no committed checkpoint uses.
 

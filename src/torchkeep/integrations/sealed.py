@@ -1,7 +1,7 @@
 """Sealed folders: a checkpoint folder that another library wrote (the transformers Trainer's
 ``checkpoint-N``, ``accelerator.save_state``), made durable and verifiable after the fact.
 
-Sealing fsyncs every file and folder, writes ``torchkeep-manifest.json`` (the sha256 and size of
+Sealing fsyncs every file and folder, writes ``torchkeep-manifest.json`` (the xxh3-128 and size of
 every file) and then, last, ``torchkeep-commit.json`` (the manifest's sha256): a folder counts as a
 checkpoint only once its commit record exists, and it is good only while every file matches the
 manifest. The files themselves are the library's own (pickles included); sealing adds checks, it
@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping
 from torchkeep.errors import CorruptCheckpointError, LimitExceededError
 from torchkeep.keep.retention import CheckpointInfo
 from torchkeep.limits import loads_json
-from torchkeep.store.checksums import sha256_file
+from torchkeep.store.checksums import file_record, record_algo, record_mismatch
 from torchkeep.store.files import atomic_write, fsync_dir, fsync_file, is_tmp
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def _write_json(path: str, obj: Mapping[str, Any]) -> bytes:
 def seal(folder: str | os.PathLike, *, step: int | None = None,
          meta: Mapping[str, Any] | None = None) -> CheckpointInfo:
     """Make ``folder`` durable and verifiable: fsync every file and folder, write the manifest
-    (sha256 and size of every file), then the commit record, last. Sealing again replaces both."""
+    (xxh3-128 and size of every file), then the commit record, last. Sealing again replaces both."""
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.isdir(folder):
         raise FileNotFoundError(2, "no checkpoint folder to seal", folder)
@@ -76,7 +76,8 @@ def seal(folder: str | os.PathLike, *, step: int | None = None,
     for rel in _files(folder):
         path = os.path.join(folder, rel)
         fsync_file(path)
-        files[rel] = {"sha256": sha256_file(path), "size": os.path.getsize(path)}
+        with open(path, "rb") as f:
+            files[rel] = file_record(f)
     for root, _, _ in os.walk(folder, topdown=False):
         fsync_dir(root)
     step = step if step is not None else step_of(folder)
@@ -146,7 +147,7 @@ def info(folder: str | os.PathLike) -> CheckpointInfo:
 
 def problems(folder: str | os.PathLike) -> list[str]:
     """Everything wrong with a sealed folder (empty when it is good): commit record, manifest,
-    and every file's size and sha256."""
+    and every file's size and checksum (xxh3-128; sha256 in folders sealed before)."""
     folder = os.fspath(folder)
     try:
         rec, _ = _read_json(os.path.join(folder, COMMIT), "commit record")
@@ -160,11 +161,16 @@ def problems(folder: str | os.PathLike) -> list[str]:
         path = os.path.join(folder, *rel.split("/"))
         if not os.path.isfile(path):
             out.append(f"{path}: missing")
+        elif not isinstance(want, Mapping) or record_algo(want) is None:
+            out.append(f"{path}: its manifest record holds no checksum")
         elif os.path.getsize(path) != want.get("size"):
             out.append(f"{path}: {os.path.getsize(path)} bytes, the manifest says {want.get('size')} "
                        f"(truncated or rewritten?)")
-        elif sha256_file(path) != want.get("sha256"):
-            out.append(f"{path}: sha256 differs from the manifest (damaged on disk?)")
+        else:
+            with open(path, "rb") as f:
+                bad = record_mismatch(file_record(f, record_algo(want)), want)
+            if bad:
+                out.append(f"{path}: {bad}")
     return out
 
 

@@ -9,7 +9,7 @@ verifiable, and the resume that picks the newest one that is whole.
     trainer.train(resume_from_checkpoint=last_good_checkpoint(args.output_dir))
 
 After the Trainer saved a checkpoint, the callback fsyncs its files, writes a manifest with the
-sha256 of each and then a commit record (:mod:`torchkeep.integrations.sealed`). It takes over
+xxh3-128 of each and then a commit record (:mod:`torchkeep.integrations.sealed`). It takes over
 ``save_total_limit``: the Trainer deletes old folders *before* the new one is complete, so a kill
 at that moment can leave no good checkpoint; the callback deletes them only after the new one is
 sealed (commit record first), and never the newest good one or the best one. The files stay the

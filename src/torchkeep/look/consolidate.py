@@ -25,7 +25,7 @@ def consolidate(src: str | os.PathLike, dst: str | os.PathLike, *, step: int | N
     folder, or a plain DCP folder. By default the model weights are written under the names a
     bare model uses; ``everything`` writes every tensor of the state under its dotted path
     (``optimizer.state.fc.weight.exp_avg``). With ``verify`` (the default) the shard files are
-    checked against the manifest's sha256 first. The output is written under a temporary name,
+    checked against the manifest's checksums first. The output is written under a temporary name,
     fsynced, re-read and compared, then renamed into place (see :func:`torchkeep.convert`).
     """
     from torchkeep.look.conversion import convert

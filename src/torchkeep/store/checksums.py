@@ -26,6 +26,41 @@ def sha256_file(path: str, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
+# Whole files (DCP shard files, the files of a sealed folder) are recorded as
+# {"xxh3_128": <32 hex digits>, "size": n}; records written before hold "sha256" instead.
+FILE_ALGOS = ("xxh3_128", "sha256")
+
+
+def file_record(f: "Any", algo: str = "xxh3_128", chunk: int = 8 << 20) -> dict[str, Any]:
+    """``{algo: hex digest, "size": bytes}`` of a binary file object, read in chunks (both
+    hashes release the GIL, so several files hash in parallel on threads)."""
+    h = xxhash.xxh3_128() if algo == "xxh3_128" else hashlib.sha256()
+    size = 0
+    while b := f.read(chunk):
+        h.update(b)
+        size += len(b)
+    return {algo: h.hexdigest(), "size": size}
+
+
+def record_algo(record: Mapping[str, Any]) -> str | None:
+    """Which digest a file record holds (xxh3_128, or sha256 for older records); None if none."""
+    return next((a for a in FILE_ALGOS if isinstance(record.get(a), str)), None)
+
+
+def record_mismatch(got: Mapping[str, Any], want: Mapping[str, Any]) -> str | None:
+    """What differs between a file as read (``got``, by :func:`file_record` with ``want``'s
+    algorithm) and its record (``want``): a sentence, or None when they agree."""
+    algo = record_algo(want)
+    if algo is None:
+        return "its record holds no checksum"
+    if got.get("size") != want.get("size"):
+        return f"holds {got.get('size')} bytes, the manifest says {want.get('size')} (truncated or rewritten?)"
+    if got.get(algo) != want[algo]:
+        return (f"{algo} is {str(got.get(algo))[:12]}…, the manifest says {want[algo][:12]}… "
+                f"(damaged on disk?)")
+    return None
+
+
 def tensor_bytes(t: "torch.Tensor") -> memoryview:
     """The raw bytes of a contiguous CPU tensor, without a copy."""
     import torch

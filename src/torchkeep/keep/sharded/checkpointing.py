@@ -11,10 +11,10 @@ whose parameters are DTensors: FSDP2 ``fully_shard``, tensor parallel) saves and
   ``FileSystemWriter`` into ``step-N/shards`` (``dcp.async_save`` when the manager saves
   asynchronously); tensors every rank holds alike (a DDP model, optimizer step counters, the
   scheduler, RNG, extras) are written once, by rank 0, in torchkeep's own format (deduplicated,
-  crc32 per tensor), and restored on every rank; each rank's RNG state is kept;
+  xxh3 per tensor), and restored on every rank; each rank's RNG state is kept;
 * the commit comes last: after DCP finished on every rank (its ``.metadata`` is written once all
   ranks' data is), every rank hashes its share of the shard files, rank 0 writes the manifest
-  (with those sha256) and the commit record, then rotates. A rank killed mid-save leaves a folder
+  (with those xxh3-128 digests) and the commit record, then rotates. A rank killed mid-save leaves a folder
   without commit record, which restore never chooses and the next save removes;
 * restore checks every candidate on all ranks (each rank verifies its share of the shard files)
   and agrees on the newest good one; DCP reshards on load, so 2 ranks' checkpoint restores on 1
@@ -367,8 +367,8 @@ class ShardedCheckpointing:
                                      path=m.root, hint="torchkeep verify shows the details")
 
     def _read(self, folder: str, allow_pickle: bool) -> tuple[Any, str | None]:
-        """This rank's checks of one candidate: the manifest, the tensors every rank reads (crc32)
-        and this rank's share of the shard files (sha256). (kind, payload) or a problem."""
+        """This rank's checks of one candidate: the manifest, the tensors every rank reads (xxh3)
+        and this rank's share of the shard files (xxh3-128). (kind, payload) or a problem."""
         m = self.manager
         try:
             rec = native.read_commit(m.storage, folder)

@@ -10,7 +10,8 @@ inside a native checkpoint folder, with a checksum for each of its files in the 
       manifest.json                 a native manifest; tensors stored in ``shards`` are listed with
                                     ``"dcp": <name in the DCP folder>`` instead of a file and a crc32,
                                     and ``"distributed": {"world_size", "shards", "files"}`` holds
-                                    the sha256 and size of every file of ``shards``
+                                    the xxh3-128 (sha256 in older checkpoints) and size of every
+                                    file of ``shards``
       commit.json                   written by rank 0 after every rank finished
 
 This module knows bytes, not ranks: it reads such tensors whole (through the safe
@@ -20,7 +21,6 @@ checks the files against their checksums. Writing is :mod:`torchkeep.keep.sharde
 from __future__ import annotations
 
 import collections
-import hashlib
 import os
 import threading
 from typing import Any, Iterable, Mapping, Sequence
@@ -31,6 +31,7 @@ from torchkeep.errors import CorruptCheckpointError, FormatError
 from torchkeep.read.formats.base import TensorRef
 from torchkeep.store import typedjson as serial
 from torchkeep.store.backends import Storage
+from torchkeep.store.checksums import file_record, record_algo, record_mismatch
 
 SHARDS = "shards"          # the DCP folder inside a checkpoint folder
 KEY = "dcp"                # manifest entry field: the tensor's name inside the DCP folder
@@ -60,16 +61,12 @@ def _local_folder(storage: Storage, folder: str) -> str:
     return local
 
 
-def file_digest(path: str, chunk: int = 8 << 20, storage: Storage | None = None) -> dict[str, Any]:
-    """{'sha256', 'size'} of a file (read in chunks; hashlib releases the GIL), local or, with
-    ``storage``, in that storage (an object store)."""
-    h = hashlib.sha256()
-    size = 0
+def file_digest(path: str, chunk: int = 8 << 20, storage: Storage | None = None,
+                algo: str = "xxh3_128") -> dict[str, Any]:
+    """``{algo: digest, 'size': n}`` of a file (xxh3-128 for new records; sha256 to check older
+    ones), local or, with ``storage``, in that storage (an object store)."""
     with (open(path, "rb") if storage is None else storage.open_read(path)) as f:
-        while b := f.read(chunk):
-            h.update(b)
-            size += len(b)
-    return {"sha256": h.hexdigest(), "size": size}
+        return file_record(f, algo, chunk)
 
 
 def location(storage: Storage, path: str) -> str:
@@ -141,7 +138,7 @@ def _reader(shards: str) -> Any:
 def verify(storage: Storage, folder: str, manifest: Mapping[str, Any],
            files: Sequence[str] | None = None) -> list[Any]:
     """Problems (:class:`~torchkeep.store.layout.Problem`) with the DCP files of a checkpoint:
-    missing, of another size, or another sha256 than the manifest records. ``files`` limits the
+    missing, of another size, or another checksum than the manifest records. ``files`` limits the
     check to some of them (each rank checks its share on restore)."""
     from torchkeep.store.layout import Problem
 
@@ -159,18 +156,18 @@ def verify(storage: Storage, folder: str, manifest: Mapping[str, Any],
         if not isinstance(want, Mapping) or _outside(rel):
             problems.append(Problem(folder, f"bad shard file record {rel!r}"))
             continue
-        try:
-            got = file_digest(path, storage=None if local is not None else storage)
-        except FileNotFoundError:
-            problems.append(Problem(path, "shard file is missing",
-                                    None))
+        algo = record_algo(want)
+        if algo is None:
+            problems.append(Problem(folder, f"shard file record {rel!r} holds no checksum"))
             continue
-        if got["size"] != want.get("size"):
-            problems.append(Problem(path, f"holds {got['size']} bytes, the manifest says {want.get('size')} "
-                                          f"(file truncated?)"))
-        elif got["sha256"] != want.get("sha256"):
-            problems.append(Problem(path, f"sha256 is {got['sha256'][:12]}…, the manifest says "
-                                          f"{str(want.get('sha256'))[:12]}… (damaged on disk?)"))
+        try:
+            got = file_digest(path, storage=None if local is not None else storage, algo=algo)
+        except FileNotFoundError:
+            problems.append(Problem(path, "shard file is missing", None))
+            continue
+        bad = record_mismatch(got, want)
+        if bad:
+            problems.append(Problem(path, bad))
     return problems
 
 
