@@ -107,3 +107,8 @@ def test_a_folder_sealed_with_sha256_still_verifies(tmp_path):
     (bad,) = sealed.problems(folder)
     assert "model.safetensors: sha256 is" in bad and "damaged on disk" in bad
     assert sealed.verify(folder).status == "damaged"
+
+
+def test_an_unknown_file_checksum_is_refused():
+    with pytest.raises(ValueError, match="unknown file checksum 'md5'"):
+        file_record(io.BytesIO(b"x"), "md5")

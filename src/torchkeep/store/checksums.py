@@ -1,29 +1,23 @@
-"""Checksums of bytes and tensors. sha256 names content (collision resistant, hardware
-accelerated on most CPUs). Reads are checked with xxh3-64 (the ``xxhash`` C extension: about
-10 GiB/s on one core, and it releases the GIL, so reading, copying and checking overlap on
-threads); zlib's crc32 is still read for checkpoints written before it.
+"""Checksums of bytes, tensors and files, all xxh3 (the ``xxhash`` C extension: several GiB/s
+on one core, and it releases the GIL, so reading, copying and checking overlap on threads).
+Blobs are named by the xxh3-128 of their file and tensors are checked with xxh3-64; sha256 names
+and zlib's crc32 of checkpoints written before are still read and checked.
 
 A per-tensor checksum travels as a *token*, ``"xxh3:<16 hex digits>"`` or ``"crc32:<decimal>"``,
 so callers compare and store values without caring which algorithm made them. A manifest entry
-holds ``"xxh3": "<hex>"`` (new) or ``"crc32": <int>`` (old)."""
+holds ``"xxh3": "<hex>"`` (new) or ``"crc32": <int>`` (old). Whole files are recorded as
+``{"xxh3_128": <hex>, "size": n}`` (``"sha256"`` in older records).
+"""
 from __future__ import annotations
 
 import hashlib
 import zlib
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import xxhash
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-
-
-def sha256_file(path: str, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 # Whole files (DCP shard files, the files of a sealed folder) are recorded as
@@ -34,6 +28,8 @@ FILE_ALGOS = ("xxh3_128", "sha256")
 def file_record(f: "Any", algo: str = "xxh3_128", chunk: int = 8 << 20) -> dict[str, Any]:
     """``{algo: hex digest, "size": bytes}`` of a binary file object, read in chunks (both
     hashes release the GIL, so several files hash in parallel on threads)."""
+    if algo not in FILE_ALGOS:
+        raise ValueError(f"unknown file checksum {algo!r} (known: {', '.join(FILE_ALGOS)})")
     h = xxhash.xxh3_128() if algo == "xxh3_128" else hashlib.sha256()
     size = 0
     while b := f.read(chunk):
@@ -79,13 +75,6 @@ def crc32(data: "bytes | memoryview", value: int = 0, chunk: int = 64 << 20) -> 
     for i in range(0, len(mv), chunk):
         value = zlib.crc32(mv[i:i + chunk], value)
     return value
-
-
-def sha256_parts(parts: "Iterable[bytes | memoryview]") -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p)
-    return h.hexdigest()
 
 
 ALGO = "xxh3"            # what new checkpoints are written with
