@@ -16,6 +16,7 @@ Multi-rank writers plug in at the same seams: every rank writes its part of the 
 """
 from __future__ import annotations
 
+import builtins  # the method list() below shadows the type in annotations
 import logging
 import os
 import threading
@@ -98,7 +99,7 @@ class CheckpointManager(FlushOnExit):
         # -- torchkeep.carry.migration.optimizer / torchkeep.keep.doctor.live: what the latest restore() migrated and found, and
         # the fingerprint of each save until its commit record is written -----------------------
         self.migration: Any = None     # migrate.MigrationReport of restore(migrate=...), else None
-        self.findings: list[Any] = []  # doctor.Finding list of the latest restore()
+        self.findings: builtins.list[Any] = []  # doctor.Finding list of the latest restore()
         self._fingerprints: dict[int, dict[str, Any]] = {}
         # -------------------------------------------------------------------------------------------
 
@@ -151,7 +152,7 @@ class CheckpointManager(FlushOnExit):
         return CheckpointInfo(step, folder, time=rec.get("created"), metrics=metrics,
                               nbytes=int(rec.get("nbytes", 0)), written=int(rec.get("written", 0)))
 
-    def list(self, *, include_uncommitted: bool = False) -> list[CheckpointInfo]:
+    def list(self, *, include_uncommitted: bool = False) -> builtins.list[CheckpointInfo]:
         """The checkpoints in the folder, oldest first (committed ones unless asked otherwise).
         Reads commit records only; :meth:`verify` checks the bytes."""
         out = []
@@ -176,7 +177,7 @@ class CheckpointManager(FlushOnExit):
         ranked = self._ranked_best(self.list())
         return ranked[0] if ranked else None
 
-    def verify(self, *, deep: bool = False) -> list[CheckpointInfo]:
+    def verify(self, *, deep: bool = False) -> builtins.list[CheckpointInfo]:
         """Every checkpoint with its status after reading all its bytes: 'ok', 'damaged' (with
         the problems) or 'uncommitted'. ``deep`` also checks each blob's sha256 against its name."""
         self.wait()
@@ -465,7 +466,7 @@ class CheckpointManager(FlushOnExit):
         return err
 
     # -- restoring ------------------------------------------------------------------------
-    def _candidates(self, which: Which) -> list[CheckpointInfo]:
+    def _candidates(self, which: Which) -> builtins.list[CheckpointInfo]:
         infos = self.list()
         if which == "latest":
             return infos[::-1]
@@ -561,7 +562,7 @@ class CheckpointManager(FlushOnExit):
         # -------------------------------------------------------------------------------------------
         return info.step
 
-    def doctor(self, state: TrainState) -> list[Any]:
+    def doctor(self, state: TrainState) -> builtins.list[Any]:
         """Compare ``state`` now with the checkpoint :meth:`restore` restored it from: a list of
         :class:`torchkeep.keep.doctor.live.Finding` naming each divergence (empty when it matches).
         Call it just before the training loop."""
