@@ -54,6 +54,7 @@ except ImportError:  # pragma: no cover - the standalone package
     from lightning_fabric.plugins import CheckpointIO  # type: ignore[no-redef]
 
 from torchkeep.errors import CorruptCheckpointError, StateError
+from torchkeep.keep.trainstate import pickle_opt_in
 from torchkeep.read.formats import native
 from torchkeep.store import typedjson as serial
 from torchkeep.store.backends import Storage, storage_for
@@ -80,22 +81,12 @@ def _cpu(t: torch.Tensor, copy: bool) -> torch.Tensor:
     return t.clone() if copy else t
 
 
-def _trust_opt_in(trust: bool | Iterable[str], allow_pickle: bool | Iterable[str] | None,
-                  where: str) -> bool | Iterable[str]:
-    """``trust``, or the deprecated ``allow_pickle`` (with a DeprecationWarning) when given."""
-    if allow_pickle is None:
-        return trust
-    warnings.warn(f"{where}(allow_pickle=...) is deprecated; use trust=... (the same opt-in "
-                  f"torchkeep.open and the CLI's --trust use)", DeprecationWarning, stacklevel=3)
-    return allow_pickle if trust is False else trust
-
-
 class TorchkeepCheckpointIO(CheckpointIO):
     """A Lightning ``CheckpointIO`` writing torchkeep checkpoint folders (see the module doc)."""
 
     def __init__(self, *, trust: bool | Iterable[str] = False, async_save: bool = False,
                  verify: bool = True, allow_pickle: bool | Iterable[str] | None = None) -> None:
-        trust = _trust_opt_in(trust, allow_pickle, "TorchkeepCheckpointIO")
+        trust = pickle_opt_in(trust, allow_pickle, "TorchkeepCheckpointIO")
         self.trust = trust if isinstance(trust, bool) else frozenset(trust)
         self.async_save = async_save
         self.verify = verify
@@ -346,7 +337,7 @@ def load_from_checkpoint(cls: Any, path: Any, *, trust: bool | Iterable[str] = F
     ``map_location``, ``strict``, hyperparameter overrides)."""
     import io
 
-    trust = _trust_opt_in(trust, allow_pickle, "load_from_checkpoint")
+    trust = pickle_opt_in(trust, allow_pickle, "load_from_checkpoint")
     checkpoint = TorchkeepCheckpointIO(trust=trust).load_checkpoint(path)
     buf = io.BytesIO()
     torch.save(checkpoint, buf)

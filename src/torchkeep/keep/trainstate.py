@@ -49,13 +49,19 @@ def _path(part: str, name: str) -> str:
     return f"{part}.{name}" if name else part
 
 
-def pickle_opt_in(trust: bool, allow_pickle: bool | None, where: str) -> bool:
-    """``trust``, or the deprecated ``allow_pickle`` (with a DeprecationWarning) when given."""
+def pickle_opt_in(trust: Any, allow_pickle: Any, where: str) -> Any:
+    """``trust``, or the deprecated ``allow_pickle`` (with a DeprecationWarning) when given.
+
+    A bool for most callers; the Lightning plugin also takes a collection of top-level keys,
+    which is passed through as given.
+    """
     if allow_pickle is None:
         return trust
     warnings.warn(f"{where}(allow_pickle=...) is deprecated; use trust=... (the same opt-in "
                   f"torchkeep.open and the CLI's --trust use)", DeprecationWarning, stacklevel=3)
-    return bool(allow_pickle) or trust
+    if trust is not False or isinstance(allow_pickle, (bool, int)):
+        return bool(allow_pickle) or trust
+    return allow_pickle
 
 
 class TrainState:
