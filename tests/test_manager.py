@@ -517,3 +517,33 @@ def test_any_tensors_survive_save_open_load(tmp_path, sd):
             assert g.dtype == t.dtype and g.shape == t.shape, k
             assert torch.equal(g.reshape(-1).view(torch.uint8) if g.numel() else g,
                                t.contiguous().reshape(-1).view(torch.uint8) if t.numel() else t), k
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_rotated_folder_that_stays_is_reported(tmp_path, monkeypatch, caplog, async_save):
+    """rmtree ignores errors: a rotated checkpoint's folder left on disk is logged at ERROR with
+    its path, not passed over; the next writer to open the folder removes it."""
+    from torchkeep.store import backends as store
+
+    d = str(tmp_path / "run")
+    st = make_state()
+    mgr = CheckpointManager(d, keep_last=1, async_save=async_save)
+    train_step(st)
+    mgr.save(st)
+    mgr.wait()
+    monkeypatch.setattr(store.LocalStorage, "rmtree", lambda self, path: None)
+    train_step(st)
+    with caplog.at_level(logging.ERROR, logger="torchkeep"):
+        mgr.save(st)
+        mgr.wait()
+    old = os.path.join(d, "step-00000001")
+    assert any(r.levelno == logging.ERROR and old in r.getMessage() and "could not be deleted"
+               in r.getMessage() for r in caplog.records), caplog.text
+    assert [i.step for i in mgr.list()] == [2]
+    mgr.close()
+    monkeypatch.undo()
+    mgr2 = CheckpointManager(d, keep_last=1, async_save=False)
+    train_step(st)
+    mgr2.save(st)
+    mgr2.close()
+    assert not os.path.exists(old)

@@ -402,18 +402,22 @@ class CheckpointManager(FlushOnExit):
             self._reaper = t
         t.start()
 
-    def _delete(self, folders: list[str], background: bool = False) -> None:
+    def _delete(self, folders: builtins.list[str], background: bool = False) -> None:
         """Remove uncommitted ``folders``, then the blobs no committed checkpoint refers to
-        (also what a replaced checkpoint of the same step held)."""
+        (also what a replaced checkpoint of the same step held). A folder that is still there
+        afterwards (rmtree ignores errors) is reported, not passed over."""
         try:
             for folder in folders:
                 self.storage.rmtree(folder)
             self._collect_blobs()
+            left = [f for f in folders if self.storage.exists(f)]
+            if left:
+                raise OSError(f"{', '.join(left)} could not be deleted (no longer checkpoints; the "
+                              f"next writer to open this folder removes them)")
         except Exception as e:  # noqa: BLE001
             if not background:
                 raise
-            log.error("deleting the files of rotated checkpoints failed (%s); the next save "
-                      "retries", e)
+            log.error("deleting the files of rotated checkpoints failed: %s", e)
 
     def _collect_blobs(self) -> None:
         entries = self._entries
