@@ -91,7 +91,8 @@ def test_a_folder_sealed_with_sha256_still_verifies(tmp_path):
     folder = _sealed_folder(tmp_path)
     manifest = json.loads((folder / sealed.MANIFEST).read_text())
     for rel in manifest["files"]:
-        manifest["files"][rel] = file_record(open(folder / rel, "rb"), "sha256")
+        with open(folder / rel, "rb") as f:
+            manifest["files"][rel] = file_record(f, "sha256")
     data = json.dumps(manifest, indent=1, sort_keys=True).encode()
     (folder / sealed.MANIFEST).write_bytes(data)
     rec = json.loads((folder / sealed.COMMIT).read_text())

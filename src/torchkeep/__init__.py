@@ -83,8 +83,11 @@ def _bind_collectives_early() -> None:
     try:
         if dist.is_available() and not dist.is_initialized():
             importlib.import_module("torch.distributed.nn")
-    except Exception:  # noqa: BLE001 - an optional safeguard, never a reason to fail the import
-        pass
+    except Exception as e:  # noqa: BLE001 - an optional safeguard, never a reason to fail the import
+        import logging
+        logging.getLogger(__name__).warning(
+            "could not import torch.distributed.nn before any process group exists (%s): a "
+            "process group may outlive destroy_process_group() and abort the process at exit", e)
 
 
 _bind_collectives_early()
