@@ -40,7 +40,9 @@ def s3():
     # earlier server (this fixture runs again when xdist interleaves modules) would be reused.
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem()
-    fs.mkdir("torchkeep-test")
+    # moto keeps its buckets in the process, across servers: the bucket of an earlier instance
+    # of this fixture is still there (each test writes under its own prefix).
+    fs.makedirs("torchkeep-test", exist_ok=True)
     try:
         yield fs
     finally:
